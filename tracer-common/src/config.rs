@@ -1,0 +1,88 @@
+//! Load-time globals. Userspace fills them before loading; the kernel freezes them
+//! read-only, so the verifier sees every offset and filter as a constant.
+
+use crate::COMM_LEN;
+
+/// `Config::filters` bit: only sockets owned by `filter_pid`.
+pub const FILTER_PID: u32 = 1 << 0;
+/// `Config::filters` bit: only connections with `filter_port` at either end.
+pub const FILTER_PORT: u32 = 1 << 1;
+/// `Config::filters` bit: only sockets owned by a process named `filter_comm`.
+pub const FILTER_COMM: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// `FILTER_*` bits: which filters apply to emitted events.
+    pub filters: u32,
+    pub filter_pid: u32,
+    pub filter_port: u16,
+    pub _pad: [u8; 6],
+    /// NUL-padded command name.
+    pub filter_comm: [u8; COMM_LEN],
+}
+
+/// Byte offsets of the kernel struct fields the programs read, resolved by
+/// userspace from the running kernel's BTF. Rust eBPF cannot emit CO-RE
+/// relocations, so this table is what makes the programs portable across kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock_common (at the start of struct sock)
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    // struct sock
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    pub sk_socket: u32,
+    // struct tcp_sock (struct inet_connection_sock is its first member)
+    pub tcp_lsndtime: u32,
+    pub tcp_bytes_acked: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_srtt_us: u32,
+    pub tcp_total_retrans: u32,
+    pub icsk_ack_lrcvtime: u32,
+    // struct net
+    pub net_ns_inum: u32,
+    // from the current task to the socket behind a file descriptor
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+}
+
+/// Field offsets inside classic tracepoint records, read from tracefs `format`
+/// files. They are stable in practice but not ABI, so they are not hard-coded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    pub set_state_skaddr: u32,
+    pub set_state_oldstate: u32,
+    pub set_state_newstate: u32,
+    pub receive_reset_skaddr: u32,
+    pub send_reset_skaddr: u32,
+    pub retransmit_skaddr: u32,
+    pub connect_fd: u32,
+    pub connect_uservaddr: u32,
+    /// `ret` of `sys_exit_*` records.
+    pub sys_exit_ret: u32,
+    pub _pad: u32,
+}
+
+const _: () = {
+    assert!(size_of::<Config>() == 32);
+    assert!(size_of::<KernelOffsets>() == 25 * 4);
+    assert!(size_of::<TracepointOffsets>() == 40);
+};
+
+#[cfg(feature = "user")]
+crate::impl_pod!(Config, KernelOffsets, TracepointOffsets);

@@ -1,0 +1,202 @@
+//! Events the kernel programs write to the ring buffer.
+//!
+//! Every event starts with an [`EventHeader`]; `kind` says which struct follows and
+//! `size` is the whole event's length, so userspace can check both before reading.
+//! Kind ids are never reused: a retired kind keeps its number.
+
+use crate::COMM_LEN;
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Open = 1,
+    Close = 2,
+    Reset = 3,
+    Retransmit = 4,
+    ConnectError = 5,
+}
+
+impl EventKind {
+    pub fn from_u32(kind: u32) -> Option<Self> {
+        Some(match kind {
+            1 => Self::Open,
+            2 => Self::Close,
+            3 => Self::Reset,
+            4 => Self::Retransmit,
+            5 => Self::ConnectError,
+            _ => return None,
+        })
+    }
+}
+
+/// Who opened the connection, as seen from this host.
+pub const ROLE_UNKNOWN: u32 = 0;
+/// This host called `connect()`.
+pub const ROLE_CLIENT: u32 = 1;
+/// This host accepted the connection on a listening socket.
+pub const ROLE_SERVER: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    pub kind: u32,
+    /// Size of the whole event in bytes, header included.
+    pub size: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Process (tgid) owning the socket; 0 when it could not be known.
+    pub pid: u32,
+    /// One of the `ROLE_*` constants.
+    pub role: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Both ends of a connection as this socket sees them. Ports are in host byte
+/// order; addresses in network order, IPv4 in the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+}
+
+/// A connection reached ESTABLISHED (client) or was accepted (server).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OpenEvent {
+    pub header: EventHeader,
+    pub conn: Endpoints,
+    /// Client: SYN sent to ESTABLISHED. 0 for servers.
+    pub connect_ns: u64,
+    /// Server: handshake completed to `accept()` returned it. 0 for clients, and for
+    /// server connections that closed before the process accepted them.
+    pub accept_wait_ns: u64,
+}
+
+/// `CloseEvent::flags`: `duration_ns` is meaningful (the open was seen).
+pub const CLOSE_DURATION_KNOWN: u32 = 1 << 0;
+/// `CloseEvent::flags`: `close_wait_ns` is meaningful (the peer closed first and the
+/// process's close was seen).
+pub const CLOSE_WAIT_KNOWN: u32 = 1 << 1;
+/// `CloseEvent::flags`: `idle_jiffies` was measured at the first FIN or RST.
+pub const CLOSE_IDLE_KNOWN: u32 = 1 << 2;
+
+/// How a connection ended, from this socket's point of view.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClosedBy {
+    Unknown = 0,
+    /// This side sent the first FIN.
+    Local = 1,
+    /// The peer sent the first FIN.
+    Peer = 2,
+    /// This side aborted the connection with a RST.
+    ResetLocal = 3,
+    /// The peer aborted the connection with a RST.
+    ResetPeer = 4,
+    /// The kernel gave up on the connection (retransmission or keep-alive timeout).
+    Timeout = 5,
+}
+
+impl ClosedBy {
+    pub fn from_u32(value: u32) -> Self {
+        match value {
+            1 => Self::Local,
+            2 => Self::Peer,
+            3 => Self::ResetLocal,
+            4 => Self::ResetPeer,
+            5 => Self::Timeout,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// A connection reached CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloseEvent {
+    pub header: EventHeader,
+    pub conn: Endpoints,
+    /// ESTABLISHED to CLOSE.
+    pub duration_ns: u64,
+    /// `tcp_sock.bytes_acked`: payload bytes sent and acknowledged by the peer.
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`: payload bytes received in order.
+    pub bytes_received: u64,
+    /// Peer's FIN to the process's own close.
+    pub close_wait_ns: u64,
+    /// Jiffies since the last payload in either direction, at the first FIN or RST.
+    pub idle_jiffies: u32,
+    /// A [`ClosedBy`] value.
+    pub closed_by: u32,
+    /// `sk_err` at CLOSE (positive errno), 0 when the kernel recorded no error.
+    pub errno: u32,
+    /// `CLOSE_*` flags.
+    pub flags: u32,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+}
+
+pub const RESET_IN: u32 = 0;
+pub const RESET_OUT: u32 = 1;
+
+/// `ResetEvent::flags`: `idle_jiffies` is meaningful. It is not for mini sockets
+/// (TIME_WAIT, NEW_SYN_RECV), which have no `tcp_sock`.
+pub const RESET_IDLE_KNOWN: u32 = 1 << 0;
+
+/// A RST received (`direction` = `RESET_IN`) or sent (`RESET_OUT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ResetEvent {
+    pub header: EventHeader,
+    pub conn: Endpoints,
+    pub direction: u32,
+    /// TCP state of the socket when the RST was seen.
+    pub state: u32,
+    /// Jiffies since the last payload in either direction.
+    pub idle_jiffies: u32,
+    /// `RESET_*` flags.
+    pub flags: u32,
+}
+
+/// A segment was retransmitted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RetransmitEvent {
+    pub header: EventHeader,
+    pub conn: Endpoints,
+    pub state: u32,
+    /// Jiffies since payload was last received from the peer: how long the peer has
+    /// been silent. (The last-send time is the retransmission itself.)
+    pub idle_jiffies: u32,
+    /// `tcp_sock.total_retrans`, this retransmission included.
+    pub total_retrans: u32,
+    pub _pad: u32,
+}
+
+/// `connect()` failed: synchronously (the syscall's return value) or after the SYN
+/// was sent (the kernel's `sk_err` when SYN_SENT went to CLOSE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectErrorEvent {
+    pub header: EventHeader,
+    pub conn: Endpoints,
+    /// `connect()` entry, or SYN sent, to the failure.
+    pub connect_ns: u64,
+    pub errno: u32,
+    pub _pad: u32,
+}
+
+const _: () = {
+    assert!(size_of::<EventHeader>() == 40);
+    assert!(size_of::<Endpoints>() == 40);
+    assert!(size_of::<OpenEvent>() == 96);
+    assert!(size_of::<CloseEvent>() == 136);
+    assert!(size_of::<ResetEvent>() == 96);
+    assert!(size_of::<RetransmitEvent>() == 96);
+    assert!(size_of::<ConnectErrorEvent>() == 96);
+};

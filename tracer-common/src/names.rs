@@ -1,0 +1,33 @@
+//! Names of maps, globals and programs in the eBPF object. Both sides use these
+//! constants, so a rename cannot silently break loading.
+
+/// Ring buffer carrying every event to userspace.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Per-socket connection state, keyed by the kernel socket address (LRU).
+pub const MAP_SOCKS: &str = "SOCKS";
+/// Owner of each listening socket, keyed by network namespace and port.
+pub const MAP_LISTENERS: &str = "LISTENERS";
+/// `connect()` calls in flight, keyed by thread (pid_tgid).
+pub const MAP_CONNECTS: &str = "CONNECTS";
+/// Owners of sockets that just reached CLOSE, for resets sent after the close.
+pub const MAP_RECENTLY_CLOSED: &str = "RECENTLY_CLOSED";
+/// Per-CPU counters indexed by [`crate::state::Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Load-time global holding [`crate::config::Config`].
+pub const GLOBAL_CONFIG: &str = "CONFIG";
+/// Load-time global holding [`crate::config::KernelOffsets`].
+pub const GLOBAL_OFFSETS: &str = "OFFSETS";
+/// Load-time global holding [`crate::config::TracepointOffsets`].
+pub const GLOBAL_TP_OFFSETS: &str = "TP_OFFSETS";
+
+/// `tp_btf/inet_sock_set_state`: state changes through a BTF tracepoint.
+pub const PROG_SET_STATE_BTF: &str = "inet_sock_set_state_btf";
+/// `sock:inet_sock_set_state`: the classic tracepoint fallback.
+pub const PROG_SET_STATE_TP: &str = "inet_sock_set_state_tp";
+pub const PROG_RECEIVE_RESET: &str = "tcp_receive_reset";
+pub const PROG_SEND_RESET: &str = "tcp_send_reset";
+pub const PROG_RETRANSMIT: &str = "tcp_retransmit_skb";
+pub const PROG_CONNECT_ENTER: &str = "sys_enter_connect";
+pub const PROG_CONNECT_EXIT: &str = "sys_exit_connect";
+pub const PROG_ACCEPT_EXIT: &str = "sys_exit_accept";

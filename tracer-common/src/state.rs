@@ -1,0 +1,98 @@
+//! Map keys and values the kernel programs keep between events. Userspace reads
+//! some of them (counters, socket states for periodic scans).
+
+use crate::{COMM_LEN, event::Endpoints};
+
+/// `SockState::flags`: the open event was emitted.
+pub const SOCK_OPEN_EMITTED: u32 = 1 << 0;
+/// `SockState::flags`: a RST was received.
+pub const SOCK_RESET_IN: u32 = 1 << 1;
+/// `SockState::flags`: the first FIN or RST was seen; `first_close_ns`,
+/// `closed_by` and `idle_jiffies` are set.
+pub const SOCK_CLOSING: u32 = 1 << 2;
+/// `SockState::flags`: `close_wait_ns` is set.
+pub const SOCK_CLOSE_WAIT_DONE: u32 = 1 << 3;
+/// `SockState::flags`: `idle_jiffies` was measured when the connection left
+/// ESTABLISHED.
+pub const SOCK_IDLE_KNOWN: u32 = 1 << 4;
+
+/// What the programs remember about one socket, from its first state change to CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockState {
+    /// Owning process (tgid); 0 while unknown.
+    pub pid: u32,
+    /// The thread that called `connect()` (client sockets), to find its call.
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+    /// `ROLE_*`.
+    pub role: u32,
+    /// `SOCK_*` flags.
+    pub flags: u32,
+    /// SYN sent (client), 0 otherwise.
+    pub syn_ns: u64,
+    /// ESTABLISHED, 0 when not seen.
+    pub open_ns: u64,
+    /// Server: when `accept()` returned the socket.
+    pub accept_ns: u64,
+    /// First FIN or RST, sent or received.
+    pub first_close_ns: u64,
+    pub close_wait_ns: u64,
+    pub idle_jiffies: u32,
+    /// `ClosedBy` decided at the first FIN or RST.
+    pub closed_by: u32,
+}
+
+/// A listening socket: network namespace inode and local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A process that owns a socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Owner {
+    pub pid: u32,
+    pub role: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A `connect()` call in flight, keyed by thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectCall {
+    pub start_ns: u64,
+    /// The socket being connected (kernel address).
+    pub sk: u64,
+    /// Destination from the syscall's `sockaddr`; the socket forgets it on failure.
+    pub conn: Endpoints,
+    /// Non-zero once the failure was reported from the state change.
+    pub reported: u32,
+    pub _pad: u32,
+}
+
+/// Indices into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A ring-buffer reservation failed: an event was lost.
+    EventsLost = 0,
+    /// An insert into `SOCKS` failed.
+    SockStateInsertFailed = 1,
+}
+
+pub const COUNTER_COUNT: u32 = 2;
+
+const _: () = {
+    assert!(size_of::<SockState>() == 80);
+    assert!(size_of::<ListenerKey>() == 8);
+    assert!(size_of::<Owner>() == 24);
+    assert!(size_of::<ConnectCall>() == 64);
+};
+
+#[cfg(feature = "user")]
+crate::impl_pod!(SockState, ListenerKey, Owner, ConnectCall);

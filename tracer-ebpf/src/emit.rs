@@ -1,0 +1,76 @@
+//! Writing events to the ring buffer, after the user's filters.
+
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use tracer_common::{
+    config::{FILTER_COMM, FILTER_PID, FILTER_PORT},
+    event::{Endpoints, EventHeader, EventKind},
+    state::{Counter, Owner},
+};
+
+use crate::{
+    globals::config,
+    maps::{EVENTS, count},
+};
+
+/// The current task as the owner of a socket. Only meaningful in process context
+/// (a syscall on the socket), never in softirq.
+#[inline(always)]
+pub fn current_owner(role: u32) -> Owner {
+    Owner {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        role,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn wanted(owner: &Owner, conn: &Endpoints) -> bool {
+    let config = config();
+    if config.filters & FILTER_PID != 0 && owner.pid != config.filter_pid {
+        return false;
+    }
+    if config.filters & FILTER_PORT != 0
+        && conn.lport != config.filter_port
+        && conn.rport != config.filter_port
+    {
+        return false;
+    }
+    if config.filters & FILTER_COMM != 0 && owner.comm != config.filter_comm {
+        return false;
+    }
+    true
+}
+
+#[inline(always)]
+pub fn header<T>(kind: EventKind, ts_ns: u64, owner: &Owner) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        size: size_of::<T>() as u32,
+        ts_ns,
+        pid: owner.pid,
+        role: owner.role,
+        comm: owner.comm,
+    }
+}
+
+/// Emits the event `build` makes, unless the filters reject it. A full ring buffer
+/// is counted, never silent.
+#[inline(always)]
+pub fn emit<T: 'static>(owner: &Owner, conn: &Endpoints, build: impl FnOnce() -> T) {
+    if !wanted(owner, conn) {
+        return;
+    }
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(build());
+            entry.submit(0);
+        }
+        None => count(Counter::EventsLost),
+    }
+}

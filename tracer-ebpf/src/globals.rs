@@ -1,0 +1,83 @@
+//! Load-time globals. Userspace overwrites them before loading and the kernel
+//! freezes them, so every read below is a verifier-known constant. The volatile
+//! reads stop the compiler from folding in the zero placeholders.
+
+use tracer_common::config::{Config, KernelOffsets, TracepointOffsets};
+
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    filters: 0,
+    filter_pid: 0,
+    filter_port: 0,
+    _pad: [0; 6],
+    filter_comm: [0; 16],
+};
+
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    skc_family: 0,
+    skc_state: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_net: 0,
+    sk_protocol: 0,
+    sk_err: 0,
+    sk_socket: 0,
+    tcp_lsndtime: 0,
+    tcp_bytes_acked: 0,
+    tcp_bytes_received: 0,
+    tcp_srtt_us: 0,
+    tcp_total_retrans: 0,
+    icsk_ack_lrcvtime: 0,
+    net_ns_inum: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+};
+
+#[unsafe(no_mangle)]
+static TP_OFFSETS: TracepointOffsets = TracepointOffsets {
+    set_state_skaddr: 0,
+    set_state_oldstate: 0,
+    set_state_newstate: 0,
+    receive_reset_skaddr: 0,
+    send_reset_skaddr: 0,
+    retransmit_skaddr: 0,
+    connect_fd: 0,
+    connect_uservaddr: 0,
+    sys_exit_ret: 0,
+    _pad: 0,
+};
+
+#[inline(always)]
+pub fn config() -> Config {
+    // SAFETY: a plain read of a static.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+#[inline(always)]
+pub fn offsets() -> &'static KernelOffsets {
+    &OFFSETS
+}
+
+#[inline(always)]
+pub fn tp_offsets() -> TracepointOffsets {
+    // SAFETY: a plain read of a static.
+    unsafe { core::ptr::read_volatile(&TP_OFFSETS) }
+}
+
+/// Reads one offset field without letting the compiler assume its value.
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: a plain read of a field of a static.
+        (unsafe { core::ptr::read_volatile(&$crate::globals::offsets().$field) }) as u64
+    };
+}
+pub(crate) use offset;

@@ -1,0 +1,121 @@
+//! Kernel programs of the TCP connection tracer.
+//!
+//! Each entry point is thin: it pulls the socket and arguments out of its context
+//! and hands them to the module that owns that concern. The agent loads either the
+//! BTF tracepoint or the classic tracepoint flavour of the state-change hook,
+//! whichever the running kernel accepts.
+#![no_std]
+#![no_main]
+
+mod emit;
+mod globals;
+mod kernel;
+mod lifecycle;
+mod maps;
+mod resets;
+mod syscalls;
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const c_void = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let _ = lifecycle::on_state_change(sk as u64, old as u32, new as u32);
+    0
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state_tp(ctx: TracePointContext) -> u32 {
+    let tp = globals::tp_offsets();
+    // SAFETY: the offsets come from this tracepoint's tracefs format file.
+    let fields = unsafe {
+        (
+            ctx.read_at::<u64>(tp.set_state_skaddr as usize),
+            ctx.read_at::<i32>(tp.set_state_oldstate as usize),
+            ctx.read_at::<i32>(tp.set_state_newstate as usize),
+        )
+    };
+    if let (Ok(sk), Ok(old), Ok(new)) = fields {
+        let _ = lifecycle::on_state_change(sk, old as u32, new as u32);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the tracefs format file.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().receive_reset_skaddr as usize) } {
+        let _ = resets::on_reset_received(sk);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the tracefs format file.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().send_reset_skaddr as usize) } {
+        let _ = resets::on_reset_sent(sk);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the tracefs format file.
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().retransmit_skaddr as usize) } {
+        let _ = resets::on_retransmit(sk);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let tp = globals::tp_offsets();
+    // SAFETY: offsets from the tracefs format file.
+    let args = unsafe {
+        (
+            ctx.read_at::<u64>(tp.connect_fd as usize),
+            ctx.read_at::<u64>(tp.connect_uservaddr as usize),
+        )
+    };
+    if let (Ok(fd), Ok(uservaddr)) = args {
+        let _ = syscalls::on_connect_enter(fd as i32, uservaddr);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the tracefs format file.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(globals::tp_offsets().sys_exit_ret as usize) } {
+        let _ = syscalls::on_connect_exit(ret);
+    }
+    0
+}
+
+/// Attached to both `sys_exit_accept` and `sys_exit_accept4`.
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the tracefs format file.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(globals::tp_offsets().sys_exit_ret as usize) } {
+        let _ = syscalls::on_accept_exit(ret);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
