@@ -42,6 +42,8 @@ pub struct KernelOffsets {
     pub sk_protocol: u32,
     pub sk_err: u32,
     pub sk_socket: u32,
+    // struct inet_sock
+    pub inet_sport: u32,
     // struct tcp_sock (struct inet_connection_sock is its first member)
     pub tcp_lsndtime: u32,
     pub tcp_bytes_acked: u32,
@@ -80,7 +82,7 @@ pub struct TracepointOffsets {
 
 const _: () = {
     assert!(size_of::<Config>() == 32);
-    assert!(size_of::<KernelOffsets>() == 25 * 4);
+    assert!(size_of::<KernelOffsets>() == 26 * 4);
     assert!(size_of::<TracepointOffsets>() == 40);
 };
 

@@ -144,9 +144,10 @@ pub struct CloseEvent {
 pub const RESET_IN: u32 = 0;
 pub const RESET_OUT: u32 = 1;
 
-/// `ResetEvent::flags`: `idle_jiffies` is meaningful. It is not for mini sockets
-/// (TIME_WAIT, NEW_SYN_RECV), which have no `tcp_sock`.
-pub const RESET_IDLE_KNOWN: u32 = 1 << 0;
+/// `ResetEvent::flags` and `RetransmitEvent::flags`: `idle_jiffies` is
+/// meaningful. It is not before the handshake completed (the stamps are not set
+/// yet), nor for mini sockets (TIME_WAIT, NEW_SYN_RECV), which have no `tcp_sock`.
+pub const IDLE_KNOWN: u32 = 1 << 0;
 
 /// A RST received (`direction` = `RESET_IN`) or sent (`RESET_OUT`).
 #[repr(C)]
@@ -159,7 +160,7 @@ pub struct ResetEvent {
     pub state: u32,
     /// Jiffies since the last payload in either direction.
     pub idle_jiffies: u32,
-    /// `RESET_*` flags.
+    /// `IDLE_KNOWN`.
     pub flags: u32,
 }
 
@@ -175,7 +176,8 @@ pub struct RetransmitEvent {
     pub idle_jiffies: u32,
     /// `tcp_sock.total_retrans`, this retransmission included.
     pub total_retrans: u32,
-    pub _pad: u32,
+    /// `IDLE_KNOWN`.
+    pub flags: u32,
 }
 
 /// `connect()` failed: synchronously (the syscall's return value) or after the SYN

@@ -27,6 +27,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_protocol: 0,
     sk_err: 0,
     sk_socket: 0,
+    inet_sport: 0,
     tcp_lsndtime: 0,
     tcp_bytes_acked: 0,
     tcp_bytes_received: 0,

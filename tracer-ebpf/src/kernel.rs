@@ -5,7 +5,9 @@ use aya_ebpf::helpers::{
 };
 use tracer_common::{
     event::Endpoints,
-    tcp::{AF_INET, AF_INET6, TCP_NEW_SYN_RECV, TCP_TIME_WAIT},
+    tcp::{
+        AF_INET, AF_INET6, TCP_LISTEN, TCP_NEW_SYN_RECV, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT,
+    },
 };
 
 use crate::globals::offset;
@@ -41,7 +43,7 @@ impl Sock {
     pub fn endpoints(self) -> Result<Endpoints, i64> {
         let mut conn = Endpoints {
             family: read(self.0 + offset!(skc_family))?,
-            lport: read(self.0 + offset!(skc_num))?,
+            lport: self.local_port()?,
             rport: u16::from_be(read(self.0 + offset!(skc_dport))?),
             ..Endpoints::default()
         };
@@ -64,9 +66,16 @@ impl Sock {
         read(net + offset!(net_ns_inum))
     }
 
+    /// The local port. `skc_num` is cleared when a closing socket gives its port
+    /// back, before the CLOSE state change is traced; `inet_sport` keeps it. Mini
+    /// sockets have no `inet_sock`, but keep `skc_num`.
     #[inline(always)]
     pub fn local_port(self) -> Result<u16, i64> {
-        read(self.0 + offset!(skc_num))
+        if self.is_full() {
+            read::<u16>(self.0 + offset!(inet_sport)).map(u16::from_be)
+        } else {
+            read(self.0 + offset!(skc_num))
+        }
     }
 
     /// `sk_err`: the error that ended the connection, as a positive errno.
@@ -78,6 +87,17 @@ impl Sock {
     #[inline(always)]
     pub fn socket(self) -> Result<u64, i64> {
         read(self.0 + offset!(sk_socket))
+    }
+
+    /// Whether the TCP idle stamps hold times: the handshake is over and the socket
+    /// is a full one.
+    #[inline(always)]
+    pub fn has_idle_stamps(self) -> bool {
+        !matches!(
+            self.state(),
+            Ok(TCP_SYN_SENT | TCP_SYN_RECV | TCP_LISTEN | TCP_TIME_WAIT | TCP_NEW_SYN_RECV)
+                | Err(_)
+        )
     }
 
     /// Jiffies since payload last went out or came in, whichever is later.

@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{
     event::{
-        CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN, CLOSE_WAIT_KNOWN, ClosedBy, CloseEvent,
+        CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN, CLOSE_WAIT_KNOWN, CloseEvent, ClosedBy,
         ConnectErrorEvent, EventKind, OpenEvent, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
     },
     state::{
@@ -152,7 +152,11 @@ fn client_established(sock: Sock, now: u64) -> Result<(), i64> {
     };
     state.open_ns = now;
     state.flags |= SOCK_OPEN_EMITTED;
-    let connect_ns = if state.syn_ns != 0 { now - state.syn_ns } else { 0 };
+    let connect_ns = if state.syn_ns != 0 {
+        now - state.syn_ns
+    } else {
+        0
+    };
     emit_open(sock, state, now, connect_ns, 0)
 }
 
@@ -185,7 +189,11 @@ pub fn emit_open(
 ) -> Result<(), i64> {
     let conn = sock.endpoints()?;
     let owner = owner_of(state);
-    let ts = if state.open_ns != 0 { state.open_ns } else { now };
+    let ts = if state.open_ns != 0 {
+        state.open_ns
+    } else {
+        now
+    };
     emit(&owner, &conn, || OpenEvent {
         header: header::<OpenEvent>(EventKind::Open, ts, &owner),
         conn,
@@ -207,7 +215,11 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
     if errno != 0 {
         let owner = owner_of(state);
         let conn = sock.endpoints()?;
-        let connect_ns = if state.syn_ns != 0 { now - state.syn_ns } else { 0 };
+        let connect_ns = if state.syn_ns != 0 {
+            now - state.syn_ns
+        } else {
+            0
+        };
         emit(&owner, &conn, || ConnectErrorEvent {
             header: header::<ConnectErrorEvent>(EventKind::ConnectError, now, &owner),
             conn,
@@ -306,7 +318,11 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
     let event = CloseEvent {
         header: header::<CloseEvent>(EventKind::Close, now, &owner),
         conn,
-        duration_ns: if state.open_ns != 0 { now - state.open_ns } else { 0 },
+        duration_ns: if state.open_ns != 0 {
+            now - state.open_ns
+        } else {
+            0
+        },
         bytes_acked: sock.bytes_acked().unwrap_or(0),
         bytes_received: sock.bytes_received().unwrap_or(0),
         close_wait_ns: state.close_wait_ns,

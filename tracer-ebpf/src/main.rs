@@ -51,7 +51,9 @@ pub fn inet_sock_set_state_tp(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the tracefs format file.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().receive_reset_skaddr as usize) } {
+    if let Ok(sk) =
+        unsafe { ctx.read_at::<u64>(globals::tp_offsets().receive_reset_skaddr as usize) }
+    {
         let _ = resets::on_reset_received(sk);
     }
     0
@@ -60,7 +62,8 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the tracefs format file.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().send_reset_skaddr as usize) } {
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().send_reset_skaddr as usize) }
+    {
         let _ = resets::on_reset_sent(sk);
     }
     0
@@ -69,7 +72,8 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the tracefs format file.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().retransmit_skaddr as usize) } {
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().retransmit_skaddr as usize) }
+    {
         let _ = resets::on_retransmit(sk);
     }
     0

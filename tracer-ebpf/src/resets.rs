@@ -1,7 +1,9 @@
 //! Resets in and out, and retransmissions: per-segment signals on a connection.
 
 use tracer_common::{
-    event::{EventKind, RESET_IDLE_KNOWN, RESET_IN, RESET_OUT, ResetEvent, RetransmitEvent, ROLE_UNKNOWN},
+    event::{
+        EventKind, IDLE_KNOWN, RESET_IN, RESET_OUT, ROLE_UNKNOWN, ResetEvent, RetransmitEvent,
+    },
     state::{Owner, SOCK_RESET_IN},
 };
 
@@ -36,8 +38,8 @@ fn owner(sk: u64) -> Owner {
 
 fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
     let state = sock.state()?;
-    let (idle_jiffies, flags) = if sock.is_full() {
-        (sock.idle_jiffies().unwrap_or(0), RESET_IDLE_KNOWN)
+    let (idle_jiffies, flags) = if sock.has_idle_stamps() {
+        (sock.idle_jiffies().unwrap_or(0), IDLE_KNOWN)
     } else {
         (0, 0)
     };
@@ -79,7 +81,11 @@ pub fn on_retransmit(sk: u64) -> Result<(), i64> {
     let owner = owner(sk);
     let conn = sock.endpoints()?;
     let state = sock.state()?;
-    let idle_jiffies = sock.receive_idle_jiffies().unwrap_or(0);
+    let (idle_jiffies, flags) = if sock.has_idle_stamps() {
+        (sock.receive_idle_jiffies().unwrap_or(0), IDLE_KNOWN)
+    } else {
+        (0, 0)
+    };
     let total_retrans = sock.total_retrans().unwrap_or(0);
     let now = now_ns();
     emit(&owner, &conn, || RetransmitEvent {
@@ -88,7 +94,7 @@ pub fn on_retransmit(sk: u64) -> Result<(), i64> {
         state,
         idle_jiffies,
         total_retrans,
-        _pad: 0,
+        flags,
     });
     Ok(())
 }

@@ -123,6 +123,10 @@ pub fn on_accept_exit(ret: i64) -> Result<(), i64> {
     state.comm = owner.comm;
     state.accept_ns = now;
     state.flags |= SOCK_OPEN_EMITTED;
-    let accept_wait_ns = if state.open_ns != 0 { now - state.open_ns } else { 0 };
+    let accept_wait_ns = if state.open_ns != 0 {
+        now - state.open_ns
+    } else {
+        0
+    };
     emit_open(sock, state, now, 0, accept_wait_ns)
 }

@@ -1,0 +1,122 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tracer::{loader::StateHook, output::Format};
+
+/// Watches every TCP connection from inside the kernel (eBPF) and reports, per
+/// process and remote endpoint, how connections open, idle and close.
+///
+/// Needs root, or CAP_BPF and CAP_PERFMON. Linux 5.8 or newer with BTF
+/// (/sys/kernel/btf/vmlinux, or --btf).
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream connection events to stdout, one per line, until Ctrl-C.
+    ///
+    /// Event types: open, close, reset, retransmit, connect_error (docs/events.md).
+    Trace(TraceArgs),
+    /// Show which kernel hooks this kernel offers and which ones the agent uses.
+    Probe,
+}
+
+/// How the programs are loaded.
+#[derive(Debug, Args)]
+pub struct KernelArgs {
+    /// Kernel BTF to resolve struct offsets from [default: /sys/kernel/btf/vmlinux].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub btf: Option<PathBuf>,
+
+    /// Ring buffer size: a power of two of at least 4 KiB (e.g. 8M, 64M). Events
+    /// that do not fit are counted as lost and reported.
+    #[arg(long, global = true, default_value = "8M", value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+
+    /// Connections tracked at once. Memory is bounded by this; beyond it the
+    /// oldest entries are evicted.
+    #[arg(long, global = true, default_value_t = 262_144)]
+    pub max_connections: u32,
+
+    /// How state changes are hooked; `auto` prefers the BTF tracepoint.
+    #[arg(long, global = true, value_enum, default_value_t = StateHook::Auto)]
+    pub state_hook: StateHook,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Only connections owned by this process id (filtered in the kernel).
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Only connections owned by processes with this command name (filtered in
+    /// the kernel; names longer than 15 bytes are truncated like the kernel's).
+    #[arg(long)]
+    pub comm: Option<String>,
+
+    /// Only connections with this port at either end (filtered in the kernel).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+/// Parses `8M`, `64K`, `1G` or a byte count, and checks the ring buffer's rules.
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let value: u64 = digits.parse().map_err(|_| format!("not a size: {text}"))?;
+    let multiplier = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return Err(format!("unknown unit in {text} (use K, M or G)")),
+    };
+    let bytes = value * multiplier;
+    if bytes < 4096 || !bytes.is_power_of_two() || bytes > 1 << 30 {
+        return Err(format!(
+            "{text} is {bytes} bytes; the ring buffer must be a power of two between 4K and 1G"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_ring_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_ring_size("4096"), Ok(4096));
+        assert!(parse_ring_size("3M").is_err());
+        assert!(parse_ring_size("1K").is_err());
+        assert!(parse_ring_size("8X").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

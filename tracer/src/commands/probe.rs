@@ -1,0 +1,91 @@
+//! `tracer probe`: what this kernel offers, and what the agent would use.
+
+use anyhow::Context as _;
+use tracer::{
+    btf_offsets::{KernelBtf, VMLINUX_BTF},
+    clock::Jiffies,
+    loader::{self, Filter, MIN_KERNEL},
+    tracefs::Tracefs,
+};
+
+use crate::cli::KernelArgs;
+
+/// Hooks the agent uses, as (category, tracepoint).
+const TRACEPOINTS: [(&str, &str); 7] = [
+    ("sock", "inet_sock_set_state"),
+    ("tcp", "tcp_receive_reset"),
+    ("tcp", "tcp_send_reset"),
+    ("tcp", "tcp_retransmit_skb"),
+    ("syscalls", "sys_enter_connect"),
+    ("syscalls", "sys_exit_connect"),
+    ("syscalls", "sys_exit_accept4"),
+];
+
+pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    println!(
+        "kernel      {release} (minimum {}.{})",
+        MIN_KERNEL.0, MIN_KERNEL.1
+    );
+    match Jiffies::detect() {
+        Ok(jiffies) => println!("HZ          {}", jiffies.hz),
+        Err(e) => println!("HZ          unknown: {e}"),
+    }
+
+    let btf_path = kernel
+        .btf
+        .as_ref()
+        .map_or(VMLINUX_BTF.to_string(), |p| p.display().to_string());
+    let btf = KernelBtf::load(kernel.btf.as_deref());
+    match &btf {
+        Ok(btf) => match btf.kernel_offsets() {
+            Ok(_) => println!("BTF         {btf_path}: all struct offsets resolved"),
+            Err(e) => println!("BTF         {btf_path}: {e}"),
+        },
+        Err(e) => println!("BTF         {e}"),
+    }
+
+    let tracefs = Tracefs::find_or_mount();
+    match &tracefs {
+        Ok(tracefs) => println!("tracefs     {}", tracefs.root().display()),
+        Err(e) => println!("tracefs     {e}"),
+    }
+
+    println!("hooks");
+    let has_btf_tp = btf
+        .as_ref()
+        .is_ok_and(|btf| btf.has_btf_tracepoint("inet_sock_set_state"));
+    println!(
+        "  {:<40} {}",
+        "tp_btf/inet_sock_set_state",
+        yes_no(has_btf_tp)
+    );
+    for (category, name) in TRACEPOINTS {
+        let present = tracefs
+            .as_ref()
+            .is_ok_and(|t| t.has_tracepoint(category, name));
+        println!(
+            "  {:<40} {}",
+            format!("tracepoint/{category}:{name}"),
+            yes_no(present)
+        );
+    }
+    let kprobes = tracefs.as_ref().is_ok_and(Tracefs::has_kprobes);
+    println!("  {:<40} {} (not used)", "kprobes", yes_no(kprobes));
+    println!("  {:<40} not used", "fentry/fexit");
+
+    // The real test: load and attach everything, as the agent would.
+    let options = super::load_options(kernel, Filter::default());
+    let loaded = loader::load(&options).context("loading the programs as the agent would")?;
+    println!("mode        {}", loaded.report);
+    for hook in &loaded.report.attached {
+        println!("  attached  {hook}");
+    }
+    Ok(())
+}
+
+fn yes_no(present: bool) -> &'static str {
+    if present { "available" } else { "missing" }
+}

@@ -1,0 +1,118 @@
+//! Events as the agent reports them: decoded, with wall-clock times, addresses,
+//! names and durations in the units of the output contract (docs/events.md).
+
+use std::{net::IpAddr, time::SystemTime};
+
+use serde::{Serialize, Serializer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Client,
+    Server,
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClosedBy {
+    Local,
+    Peer,
+    ResetLocal,
+    ResetPeer,
+    Timeout,
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// One event of the `tracer trace` stream.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub ts: SystemTime,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub pid: u32,
+    pub comm: String,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub role: Role,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Detail {
+    Open(Open),
+    Close(Close),
+    Reset(Reset),
+    Retransmit(Retransmit),
+    ConnectError(ConnectError),
+}
+
+impl Detail {
+    /// The `type` of an event carrying this detail.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Open(_) => "open",
+            Self::Close(_) => "close",
+            Self::Reset(_) => "reset",
+            Self::Retransmit(_) => "retransmit",
+            Self::ConnectError(_) => "connect_error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Open {
+    /// Client: SYN sent to ESTABLISHED.
+    pub connect_us: Option<u64>,
+    /// Server: handshake completed to accept() returning it.
+    pub accept_wait_us: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Close {
+    pub duration_ms: Option<f64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub closed_by: ClosedBy,
+    pub idle_ms: Option<u64>,
+    pub close_wait_ms: Option<f64>,
+    pub error: Option<String>,
+    pub srtt_us: u32,
+    pub retransmits: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reset {
+    pub direction: Direction,
+    pub state: &'static str,
+    pub idle_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Retransmit {
+    pub state: &'static str,
+    pub idle_ms: Option<u64>,
+    pub retransmits: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConnectError {
+    pub error: String,
+    pub connect_us: u64,
+}
+
+fn rfc3339_micros<S: Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_rfc3339_micros(*ts))
+}

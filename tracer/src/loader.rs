@@ -1,0 +1,419 @@
+//! Loading the kernel programs and attaching them, with a fallback for each hook
+//! the running kernel may refuse.
+
+use std::{fmt, path::PathBuf};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, ProgramError, TracePoint},
+};
+use tracer_common::{
+    COMM_LEN,
+    config::{Config, FILTER_COMM, FILTER_PID, FILTER_PORT},
+    names::*,
+};
+
+use crate::{
+    btf_offsets::{BtfError, KernelBtf},
+    tracefs::{Tracefs, TracefsError},
+};
+
+/// The kernel programs, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// BPF ring buffers (the only event transport used) arrived in Linux 5.8.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "tracing needs root, or the CAP_BPF and CAP_PERFMON capabilities (CAP_SYS_ADMIN on \
+         kernels before 5.8); run with sudo, or grant them: \
+         `setcap cap_bpf,cap_perfmon,cap_sys_admin+ep <tracer binary>`"
+    )]
+    Privileges,
+    #[error("kernel {release} is older than the minimum {}.{} (BPF ring buffer)", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { release: String },
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("cannot parse kernel BTF for the BTF tracepoints")]
+    AyaBtf(#[source] aya::BtfError),
+    #[error("loading the eBPF object failed")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {program} is missing from the eBPF object")]
+    MissingProgram { program: &'static str },
+    #[error("{hook}: the kernel refused the program")]
+    Attach {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// How the state-change hook is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateHook {
+    /// `tp_btf/inet_sock_set_state` when the kernel offers it, else the classic tracepoint.
+    Auto,
+    /// `tp_btf/inet_sock_set_state` only.
+    BtfTracepoint,
+    /// `sock:inet_sock_set_state` only.
+    Tracepoint,
+}
+
+/// Which events the kernel emits. Filtering happens in the kernel, before the ring
+/// buffer.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl Filter {
+    fn config(&self) -> Config {
+        let mut config = Config::default();
+        if let Some(pid) = self.pid {
+            config.filters |= FILTER_PID;
+            config.filter_pid = pid;
+        }
+        if let Some(port) = self.port {
+            config.filters |= FILTER_PORT;
+            config.filter_port = port;
+        }
+        if let Some(comm) = &self.comm {
+            config.filters |= FILTER_COMM;
+            // The kernel keeps the first 15 bytes and a NUL.
+            let bytes = comm.as_bytes();
+            let len = bytes.len().min(COMM_LEN - 1);
+            config.filter_comm[..len].copy_from_slice(&bytes[..len]);
+        }
+        config
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub btf: Option<PathBuf>,
+    /// Ring-buffer size in bytes: a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+    /// Connections tracked at once; the oldest are evicted beyond it.
+    pub max_sockets: u32,
+    pub filter: Filter,
+    pub state_hook: StateHook,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            btf: None,
+            ring_buffer_bytes: 8 << 20,
+            max_sockets: 262_144,
+            filter: Filter::default(),
+            state_hook: StateHook::Auto,
+        }
+    }
+}
+
+/// What got attached, and what the kernel refused.
+#[derive(Clone, Debug, Default)]
+pub struct AttachReport {
+    /// `tp_btf` or `tracepoint`.
+    pub state_mode: &'static str,
+    pub attached: Vec<String>,
+    /// Hooks that could not be attached, with the reason and what is lost.
+    pub degraded: Vec<String>,
+}
+
+impl fmt::Display for AttachReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "state changes via {}", self.state_mode)?;
+        for degraded in &self.degraded {
+            write!(f, "; degraded: {degraded}")?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub report: AttachReport,
+}
+
+/// Checks privileges and kernel version, resolves offsets, loads the object and
+/// attaches every program.
+pub fn load(options: &Options) -> Result<Loaded, LoadError> {
+    check_privileges()?;
+    check_kernel_version()?;
+    raise_memlock_limit();
+    let tracefs = Tracefs::find_or_mount()?;
+    let kernel_btf = KernelBtf::load(options.btf.as_deref())?;
+    let offsets = kernel_btf.kernel_offsets()?;
+    let tp_offsets = tracefs.tracepoint_offsets()?;
+    let config = options.filter.config();
+
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
+        .map_max_entries(MAP_SOCKS, options.max_sockets)
+        .override_global(GLOBAL_CONFIG, &config, true)
+        .override_global(GLOBAL_OFFSETS, &offsets, true)
+        .override_global(GLOBAL_TP_OFFSETS, &tp_offsets, true)
+        .load(EBPF_OBJECT)
+        .map_err(LoadError::Load)?;
+
+    let mut report = AttachReport::default();
+    attach_state_hook(&mut ebpf, options, &kernel_btf, &tracefs, &mut report)?;
+    // Without these the lifecycle still works; what each one adds is named when it
+    // is missing.
+    let optional: [(&str, &str, &str, &str); 6] = [
+        (
+            PROG_RECEIVE_RESET,
+            "tcp",
+            "tcp_receive_reset",
+            "closed_by=reset_peer and reset events",
+        ),
+        (
+            PROG_SEND_RESET,
+            "tcp",
+            "tcp_send_reset",
+            "outgoing reset events",
+        ),
+        (
+            PROG_RETRANSMIT,
+            "tcp",
+            "tcp_retransmit_skb",
+            "retransmit events",
+        ),
+        (
+            PROG_CONNECT_ENTER,
+            "syscalls",
+            "sys_enter_connect",
+            "connect errors before SYN",
+        ),
+        (
+            PROG_CONNECT_EXIT,
+            "syscalls",
+            "sys_exit_connect",
+            "connect errors before SYN",
+        ),
+        (
+            PROG_ACCEPT_EXIT,
+            "syscalls",
+            "sys_exit_accept4",
+            "accepting process of server connections",
+        ),
+    ];
+    for (program, category, name, loses) in optional {
+        if let Err(e) = attach_tracepoint(&mut ebpf, program, category, name, &tracefs) {
+            report
+                .degraded
+                .push(format!("{category}:{name} ({e:#}): no {loses}"));
+        } else {
+            report
+                .attached
+                .push(format!("tracepoint/{category}:{name}"));
+        }
+    }
+    // accept() and accept4() are separate syscalls sharing one program.
+    if tracefs.has_tracepoint("syscalls", "sys_exit_accept") {
+        let program: &mut TracePoint = program_mut(&mut ebpf, PROG_ACCEPT_EXIT)?;
+        match program.attach("syscalls", "sys_exit_accept") {
+            Ok(_) => report
+                .attached
+                .push("tracepoint/syscalls:sys_exit_accept".into()),
+            Err(e) => report.degraded.push(format!(
+                "syscalls:sys_exit_accept ({e}): accept() callers unknown"
+            )),
+        }
+    }
+    Ok(Loaded { ebpf, report })
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { program: name })?;
+    program.try_into().map_err(|source| LoadError::Attach {
+        hook: name.to_string(),
+        source,
+    })
+}
+
+fn attach_state_hook(
+    ebpf: &mut Ebpf,
+    options: &Options,
+    kernel_btf: &KernelBtf,
+    tracefs: &Tracefs,
+    report: &mut AttachReport,
+) -> Result<(), LoadError> {
+    let want_btf = options.state_hook != StateHook::Tracepoint
+        && kernel_btf.has_btf_tracepoint("inet_sock_set_state");
+    if want_btf {
+        match attach_btf_state_hook(ebpf, kernel_btf) {
+            Ok(()) => {
+                report.state_mode = "tp_btf";
+                report.attached.push("tp_btf/inet_sock_set_state".into());
+                return Ok(());
+            }
+            Err(e) if options.state_hook == StateHook::Auto => {
+                log::info!(
+                    "tp_btf/inet_sock_set_state refused ({e:#}); using the classic tracepoint"
+                );
+                report
+                    .degraded
+                    .push(format!("tp_btf/inet_sock_set_state refused: {e}"));
+            }
+            Err(e) => return Err(e),
+        }
+    } else if options.state_hook == StateHook::BtfTracepoint {
+        return Err(LoadError::Attach {
+            hook: "tp_btf/inet_sock_set_state".into(),
+            source: ProgramError::UnexpectedProgramType,
+        });
+    }
+    attach_tracepoint(
+        ebpf,
+        PROG_SET_STATE_TP,
+        "sock",
+        "inet_sock_set_state",
+        tracefs,
+    )?;
+    report.state_mode = "tracepoint";
+    report
+        .attached
+        .push("tracepoint/sock:inet_sock_set_state".into());
+    Ok(())
+}
+
+fn attach_btf_state_hook(ebpf: &mut Ebpf, kernel_btf: &KernelBtf) -> Result<(), LoadError> {
+    let btf = Btf::parse_file(kernel_btf.path(), aya::Endianness::default())
+        .map_err(LoadError::AyaBtf)?;
+    let program: &mut BtfTracePoint = program_mut(ebpf, PROG_SET_STATE_BTF)?;
+    let hook = || "tp_btf/inet_sock_set_state".to_string();
+    program
+        .load("inet_sock_set_state", &btf)
+        .map_err(|source| LoadError::Attach {
+            hook: hook(),
+            source,
+        })?;
+    program.attach().map_err(|source| LoadError::Attach {
+        hook: hook(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    category: &str,
+    name: &str,
+    tracefs: &Tracefs,
+) -> Result<(), LoadError> {
+    let hook = || format!("tracepoint/{category}:{name}");
+    if !tracefs.has_tracepoint(category, name) {
+        return Err(LoadError::Tracefs(TracefsError::NoTracepoint(format!(
+            "{category}:{name}"
+        ))));
+    }
+    let tracepoint: &mut TracePoint = program_mut(ebpf, program)?;
+    tracepoint.load().map_err(|source| LoadError::Attach {
+        hook: hook(),
+        source,
+    })?;
+    tracepoint
+        .attach(category, name)
+        .map_err(|source| LoadError::Attach {
+            hook: hook(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Root, or CAP_BPF with CAP_PERFMON, or CAP_SYS_ADMIN.
+fn check_privileges() -> Result<(), LoadError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(LoadError::Privileges)
+    }
+}
+
+fn check_kernel_version() -> Result<(), LoadError> {
+    let Ok(uname) = nix::sys::utsname::uname() else {
+        return Ok(());
+    };
+    let release = uname.release().to_string_lossy().into_owned();
+    match parse_release(&release) {
+        Some(version) if version < MIN_KERNEL => Err(LoadError::KernelTooOld { release }),
+        _ => Ok(()),
+    }
+}
+
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones to the
+/// memory cgroup. Raising the limit helps the former and is harmless (or refused,
+/// which is fine) on the latter.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels that account BPF memory to cgroups",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_release_versions() {
+        assert_eq!(parse_release("6.18.44-fc-v782"), Some((6, 18)));
+        assert_eq!(parse_release("5.10.0-33-cloud-amd64"), Some((5, 10)));
+        assert_eq!(parse_release("4.19.0"), Some((4, 19)));
+        assert!(parse_release("4.19.0").unwrap() < MIN_KERNEL);
+        assert_eq!(parse_release("garbage"), None);
+    }
+
+    #[test]
+    fn filter_becomes_kernel_config() {
+        let filter = Filter {
+            pid: Some(7),
+            comm: Some("a-very-long-command-name".into()),
+            port: Some(8080),
+        };
+        let config = filter.config();
+        assert_eq!(config.filters, FILTER_PID | FILTER_PORT | FILTER_COMM);
+        assert_eq!(config.filter_pid, 7);
+        assert_eq!(config.filter_port, 8080);
+        // Truncated like the kernel's own comm, NUL-terminated.
+        assert_eq!(&config.filter_comm[..15], b"a-very-long-com");
+        assert_eq!(config.filter_comm[15], 0);
+        assert_eq!(Filter::default().config().filters, 0);
+    }
+}

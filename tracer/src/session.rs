@@ -1,0 +1,171 @@
+//! A tracing session: the loaded programs, the ring buffer they write to, and the
+//! decoding of what comes out of it.
+
+use std::io;
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
+use tracer_common::{
+    names::{MAP_COUNTERS, MAP_EVENTS},
+    state::Counter,
+};
+
+use crate::{
+    clock::{ClockError, Jiffies, WallClock},
+    decode::Decoder,
+    event::{Event, Role},
+    loader::{self, AttachReport, LoadError, Options},
+    owners::SocketOwners,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Clock(#[from] ClockError),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("cannot open map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot poll the ring buffer")]
+    Poll(#[source] io::Error),
+}
+
+/// Totals since the session started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records decoded into events.
+    pub events: u64,
+    /// Records that did not decode (a version mismatch or a bug; never expected).
+    pub undecodable: u64,
+    /// Events the kernel could not write because the ring buffer was full.
+    pub lost: u64,
+    /// Sockets the kernel could not start tracking (socket table insert failed).
+    pub untracked: u64,
+}
+
+pub struct Session {
+    /// `None` once detached; the ring buffer outlives it so it can be drained.
+    ebpf: Option<aya::Ebpf>,
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    decoder: Decoder,
+    owners: SocketOwners,
+    report: AttachReport,
+    events: u64,
+    undecodable: u64,
+}
+
+impl Session {
+    /// Loads and attaches the programs. Must run inside a tokio runtime.
+    pub fn start(options: &Options) -> Result<Self, SessionError> {
+        let jiffies = Jiffies::detect()?;
+        let loader::Loaded { mut ebpf, report } = loader::load(options)?;
+        let ring = ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(SessionError::MissingMap(MAP_EVENTS))?;
+        let ring = RingBuf::try_from(ring).map_err(|source| SessionError::Map {
+            name: MAP_EVENTS,
+            source,
+        })?;
+        let counters = ebpf
+            .take_map(MAP_COUNTERS)
+            .ok_or(SessionError::MissingMap(MAP_COUNTERS))?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| SessionError::Map {
+            name: MAP_COUNTERS,
+            source,
+        })?;
+        let mut owners = SocketOwners::default();
+        owners.refresh();
+        // SAFETY: the ring buffer owns its map fd and keeps it open for as long as
+        // the AsyncFd holds it.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| SessionError::Poll(e.into_parts().1))?;
+        Ok(Self {
+            ebpf: Some(ebpf),
+            ring,
+            counters,
+            decoder: Decoder {
+                clock: WallClock::new(),
+                jiffies,
+            },
+            owners,
+            report,
+            events: 0,
+            undecodable: 0,
+        })
+    }
+
+    pub fn report(&self) -> &AttachReport {
+        &self.report
+    }
+
+    pub fn jiffies(&self) -> Jiffies {
+        self.decoder.jiffies
+    }
+
+    /// Waits until the kernel has written something, then appends every available
+    /// event to `out`.
+    pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), SessionError> {
+        let mut guard = self.ring.readable_mut().await.map_err(SessionError::Poll)?;
+        guard.clear_ready();
+        drop(guard);
+        self.drain(out);
+        Ok(())
+    }
+
+    /// Appends every event available now to `out`, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<Event>) {
+        self.decoder.clock.refresh();
+        let ring = self.ring.get_mut();
+        while let Some(record) = ring.next() {
+            match self.decoder.decode(&record) {
+                Ok(mut event) => {
+                    self.events += 1;
+                    if event.pid == 0 && event.role == Role::Unknown {
+                        fill_owner(&mut self.owners, &mut event);
+                    }
+                    out.push(event);
+                }
+                Err(e) => {
+                    self.undecodable += 1;
+                    log::warn!("undecodable ring-buffer record: {e}");
+                }
+            }
+        }
+    }
+
+    /// Detaches every program. Events already in the ring buffer can still be
+    /// drained.
+    pub fn detach(&mut self) {
+        self.ebpf = None;
+    }
+
+    pub fn stats(&self) -> Stats {
+        let counter = |counter: Counter| -> u64 {
+            self.counters
+                .get(&(counter as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        Stats {
+            events: self.events,
+            undecodable: self.undecodable,
+            lost: counter(Counter::EventsLost),
+            untracked: counter(Counter::SockStateInsertFailed),
+        }
+    }
+}
+
+/// A connection the kernel met mid-life, in softirq: the process is found in /proc.
+fn fill_owner(owners: &mut SocketOwners, event: &mut Event) {
+    if let Some(owner) = owners.lookup(&(event.laddr, event.lport, event.raddr, event.rport)) {
+        event.pid = owner.pid;
+        event.comm = owner.comm;
+    }
+}
