@@ -1,1 +1,251 @@
+//! Harness for the integration tests: a tracing session on the real kernel
+//! programs, helper processes and network namespaces that clean up after
+//! themselves, and event queries.
+//!
+//! The tests need root. They never skip: without root they fail and say so.
 
+use std::{
+    net::IpAddr,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use tracer::{
+    event::{Close, Detail, Event},
+    loader::{Filter, Options},
+    session::{Session, Stats},
+};
+
+/// Tolerance for durations measured from jiffies (4 ms here) plus scheduling.
+pub const TOLERANCE_MS: f64 = 25.0;
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the integration tests load eBPF programs and need root: run `cargo xtask test`"
+    );
+}
+
+/// A tracing session and the events it has produced so far.
+pub struct Trace {
+    runtime: tokio::runtime::Runtime,
+    session: Session,
+    pub events: Vec<Event>,
+}
+
+impl Trace {
+    pub fn start(filter: Filter) -> Self {
+        Self::start_with(Options {
+            filter,
+            ..Options::default()
+        })
+    }
+
+    pub fn start_with(options: Options) -> Self {
+        require_root();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let session = {
+            let _context = runtime.enter();
+            Session::start(&options).unwrap_or_else(|e| panic!("starting the tracer: {e:?}"))
+        };
+        Self {
+            runtime,
+            session,
+            events: Vec::new(),
+        }
+    }
+
+    /// Collects events until `done` holds for all of them, or panics after `timeout`.
+    pub fn wait_for(&mut self, timeout: Duration, done: impl Fn(&[Event]) -> bool) -> &[Event] {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.events) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out after {timeout:?}; events so far:\n{}",
+                self.dump()
+            );
+            let step = left.min(Duration::from_millis(100));
+            let _ = self.runtime.block_on(async {
+                tokio::time::timeout(step, self.session.next_batch(&mut self.events)).await
+            });
+        }
+        &self.events
+    }
+
+    /// Collects whatever arrives within `period`.
+    pub fn collect_for(&mut self, period: Duration) -> &[Event] {
+        let deadline = Instant::now() + period;
+        self.wait_for(period + Duration::from_secs(1), |_| {
+            Instant::now() >= deadline
+        })
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.session.stats()
+    }
+
+    pub fn dump(&self) -> String {
+        self.events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Events of `kind` on the socket whose local port is `lport`.
+pub fn of_kind<'a>(events: &'a [Event], kind: &str, lport: u16) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| e.kind == kind && e.lport == lport)
+        .collect()
+}
+
+/// The one event of `kind` on local port `lport`; panics when there is not
+/// exactly one.
+pub fn one<'a>(events: &'a [Event], kind: &str, lport: u16) -> &'a Event {
+    let found = of_kind(events, kind, lport);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} event on local port {lport}, got {}: {found:#?}",
+        found.len()
+    );
+    found[0]
+}
+
+pub fn close_detail(event: &Event) -> &Close {
+    match &event.detail {
+        Detail::Close(close) => close,
+        other => panic!("not a close event: {other:?}"),
+    }
+}
+
+pub fn assert_near(what: &str, actual: f64, expected: f64) {
+    assert!(
+        (actual - expected).abs() <= TOLERANCE_MS,
+        "{what}: {actual} ms, expected {expected} ± {TOLERANCE_MS} ms"
+    );
+}
+
+/// A helper process (the `peer` binary, `CARGO_BIN_EXE_peer` in tests), killed
+/// when dropped.
+pub struct Peer {
+    pub child: Child,
+}
+
+impl Peer {
+    pub fn spawn(mut command: Command) -> Self {
+        let child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first line the peer prints (a listening port).
+    pub fn read_port(&mut self) -> u16 {
+        use std::io::BufRead as _;
+        let stdout = self.child.stdout.as_mut().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("peer prints its port");
+        line.trim().parse().expect("a port number")
+    }
+
+    /// Waits for the peer to exit successfully.
+    pub fn wait_ok(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for peer") {
+                assert!(status.success(), "peer exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "peer still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two network namespaces joined by a veth pair, removed when dropped (deleting a
+/// namespace deletes its end of the pair, and the pair with it).
+pub struct NetnsPair {
+    pub a: String,
+    pub b: String,
+    pub addr_a: IpAddr,
+    pub addr_b: IpAddr,
+}
+
+impl NetnsPair {
+    pub fn create() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let pair = Self {
+            a: format!("trc-a-{id}"),
+            b: format!("trc-b-{id}"),
+            addr_a: "10.201.0.1".parse().unwrap(),
+            addr_b: "10.201.0.2".parse().unwrap(),
+        };
+        // Created inside the namespaces, so the names cannot clash with the host's.
+        let veth_a = format!("va{n}");
+        let veth_b = format!("vb{n}");
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        ip(&[
+            "link", "add", &veth_a, "netns", &pair.a, "type", "veth", "peer", "name", &veth_b,
+            "netns", &pair.b,
+        ]);
+        for (ns, dev, addr) in [
+            (&pair.a, &veth_a, pair.addr_a),
+            (&pair.b, &veth_b, pair.addr_b),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// A command that runs `program` inside namespace `ns`.
+    pub fn exec_in(ns: &str, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", ns, program]);
+        command
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().unwrap_or_else(|e| {
+        panic!("running ip {args:?}: {e} (install iproute2: cargo xtask setup)")
+    });
+    assert!(status.success(), "ip {args:?} failed: {status}");
+}

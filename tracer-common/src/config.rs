@@ -42,11 +42,16 @@ pub struct KernelOffsets {
     pub sk_protocol: u32,
     pub sk_err: u32,
     pub sk_socket: u32,
+    pub sk_flags: u32,
+    /// Bit number of `SOCK_DONE` (enum sock_flags) in `sk_flags`: set when the
+    /// peer's FIN was processed.
+    pub sock_done_bit: u32,
     // struct inet_sock
     pub inet_sport: u32,
     // struct tcp_sock (struct inet_connection_sock is its first member)
     pub tcp_lsndtime: u32,
-    pub tcp_bytes_acked: u32,
+    pub tcp_bytes_sent: u32,
+    pub tcp_bytes_retrans: u32,
     pub tcp_bytes_received: u32,
     pub tcp_srtt_us: u32,
     pub tcp_total_retrans: u32,
@@ -82,7 +87,7 @@ pub struct TracepointOffsets {
 
 const _: () = {
     assert!(size_of::<Config>() == 32);
-    assert!(size_of::<KernelOffsets>() == 26 * 4);
+    assert!(size_of::<KernelOffsets>() == 29 * 4);
     assert!(size_of::<TracepointOffsets>() == 40);
 };
 

@@ -123,9 +123,11 @@ pub struct CloseEvent {
     pub conn: Endpoints,
     /// ESTABLISHED to CLOSE.
     pub duration_ns: u64,
-    /// `tcp_sock.bytes_acked`: payload bytes sent and acknowledged by the peer.
-    pub bytes_acked: u64,
-    /// `tcp_sock.bytes_received`: payload bytes received in order.
+    /// Payload bytes sent, each byte once however often it was retransmitted
+    /// (`tcp_sock.bytes_sent - bytes_retrans`).
+    pub bytes_sent: u64,
+    /// Payload bytes received in order (`tcp_sock.bytes_received`, less the one
+    /// sequence number of the peer's FIN when this socket processed it).
     pub bytes_received: u64,
     /// Peer's FIN to the process's own close.
     pub close_wait_ns: u64,

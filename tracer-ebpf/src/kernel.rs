@@ -120,14 +120,24 @@ impl Sock {
         Ok(jiffies32().wrapping_sub(received))
     }
 
+    /// Payload bytes sent, retransmissions counted once. (`bytes_acked` would
+    /// count the SYN and FIN sequence numbers too.)
     #[inline(always)]
-    pub fn bytes_acked(self) -> Result<u64, i64> {
-        read(self.0 + offset!(tcp_bytes_acked))
+    pub fn bytes_sent(self) -> Result<u64, i64> {
+        let sent: u64 = read(self.0 + offset!(tcp_bytes_sent))?;
+        let retransmitted: u64 = read(self.0 + offset!(tcp_bytes_retrans))?;
+        Ok(sent.saturating_sub(retransmitted))
     }
 
+    /// Payload bytes received. The kernel's counter follows `rcv_nxt`, which the
+    /// peer's FIN advances by one when this socket (not its TIME_WAIT successor)
+    /// processes it; `SOCK_DONE` is set exactly then.
     #[inline(always)]
     pub fn bytes_received(self) -> Result<u64, i64> {
-        read(self.0 + offset!(tcp_bytes_received))
+        let received: u64 = read(self.0 + offset!(tcp_bytes_received))?;
+        let flags: u64 = read(self.0 + offset!(sk_flags))?;
+        let fin = (flags >> offset!(sock_done_bit)) & 1;
+        Ok(received.saturating_sub(fin))
     }
 
     /// Smoothed RTT in microseconds (`srtt_us` holds it shifted left by 3).

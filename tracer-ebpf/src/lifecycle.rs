@@ -323,7 +323,7 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
         } else {
             0
         },
-        bytes_acked: sock.bytes_acked().unwrap_or(0),
+        bytes_sent: sock.bytes_sent().unwrap_or(0),
         bytes_received: sock.bytes_received().unwrap_or(0),
         close_wait_ns: state.close_wait_ns,
         idle_jiffies: state.idle_jiffies,

@@ -36,6 +36,8 @@ pub enum BtfError {
         expected: usize,
         actual: usize,
     },
+    #[error("kernel BTF has no {variant} in enum {name}")]
+    NoEnumValue { name: String, variant: String },
     #[error("BTF lookup failed")]
     Lookup(#[source] btf_rs::Error),
 }
@@ -180,6 +182,28 @@ impl KernelBtf {
         })
     }
 
+    /// The value of `variant` in `enum name`.
+    pub fn enum_value(&self, name: &str, variant: &str) -> Result<u32, BtfError> {
+        let missing = || BtfError::NoEnumValue {
+            name: name.to_string(),
+            variant: variant.to_string(),
+        };
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|_| missing())?;
+        for ty in types {
+            if let Type::Enum(e) = ty {
+                for member in &e.members {
+                    if self.btf.resolve_name(member).is_ok_and(|n| n == variant) {
+                        return Ok(member.val());
+                    }
+                }
+            }
+        }
+        Err(missing())
+    }
+
     /// Offset of a field the programs read, checked against the size they read.
     fn offset(&self, strukt: &str, path: &str, expected: usize) -> Result<u32, BtfError> {
         let field = self.field(strukt, path)?;
@@ -211,9 +235,12 @@ impl KernelBtf {
             sk_protocol: sock("sk_protocol", 2)?,
             sk_err: sock("sk_err", 4)?,
             sk_socket: sock("sk_socket", 8)?,
+            sk_flags: sock("__sk_common.skc_flags", 8)?,
+            sock_done_bit: self.enum_value("sock_flags", "SOCK_DONE")?,
             inet_sport: self.offset("inet_sock", "inet_sport", 2)?,
             tcp_lsndtime: tcp("lsndtime", 4)?,
-            tcp_bytes_acked: tcp("bytes_acked", 8)?,
+            tcp_bytes_sent: tcp("bytes_sent", 8)?,
+            tcp_bytes_retrans: tcp("bytes_retrans", 8)?,
             tcp_bytes_received: tcp("bytes_received", 8)?,
             tcp_srtt_us: tcp("srtt_us", 4)?,
             tcp_total_retrans: tcp("total_retrans", 4)?,
@@ -254,7 +281,7 @@ mod tests {
         let sock_size = btf.field("tcp_sock", "inet_conn.icsk_inet.sk").unwrap();
         assert_eq!(sock_size.offset, 0);
         assert!(offsets.tcp_lsndtime as usize >= sock_size.size);
-        assert!(offsets.tcp_bytes_acked as usize >= sock_size.size);
+        assert!(offsets.tcp_bytes_sent as usize >= sock_size.size);
         assert!(offsets.icsk_ack_lrcvtime as usize >= sock_size.size);
     }
 
@@ -296,6 +323,15 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("--btf"), "{err}");
+    }
+
+    #[test]
+    fn enum_values() {
+        let btf = machine_btf();
+        // SOCK_DEAD and SOCK_DONE open enum sock_flags in every kernel so far.
+        assert_eq!(btf.enum_value("sock_flags", "SOCK_DEAD").unwrap(), 0);
+        assert_eq!(btf.enum_value("sock_flags", "SOCK_DONE").unwrap(), 1);
+        assert!(btf.enum_value("sock_flags", "NO_SUCH_FLAG").is_err());
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl Decoder {
         Close {
             duration_ms: (e.flags & CLOSE_DURATION_KNOWN != 0)
                 .then(|| fractional_ms(e.duration_ns)),
-            bytes_sent: e.bytes_acked,
+            bytes_sent: e.bytes_sent,
             bytes_received: e.bytes_received,
             closed_by: match raw::ClosedBy::from_u32(e.closed_by) {
                 raw::ClosedBy::Local => ClosedBy::Local,
@@ -255,7 +255,7 @@ mod tests {
             header: header::<CloseEvent>(EventKind::Close, ROLE_CLIENT),
             conn: v4(40000, 80),
             duration_ns: 1_500_250_000,
-            bytes_acked: 10,
+            bytes_sent: 10,
             bytes_received: 20,
             close_wait_ns: 0,
             idle_jiffies: 75,
@@ -289,7 +289,7 @@ mod tests {
             header: header::<CloseEvent>(EventKind::Close, ROLE_SERVER),
             conn: v4(80, 40000),
             duration_ns: 2_000_000,
-            bytes_acked: 1,
+            bytes_sent: 1,
             bytes_received: 2,
             close_wait_ns: 25_000_000,
             idle_jiffies: 1,
