@@ -30,7 +30,7 @@ pub fn on_state_change(sk: u64, old: u32, new: u32) -> Result<(), i64> {
     match (old, new) {
         (TCP_CLOSE, TCP_LISTEN) => listening(sock),
         (TCP_LISTEN, TCP_CLOSE) => {
-            let _ = LISTENERS.remove(&listener_key(sock)?);
+            let _ = LISTENERS.remove(listener_key(sock)?);
             Ok(())
         }
         (TCP_CLOSE, TCP_SYN_SENT) => connecting(sk, now),
@@ -59,7 +59,7 @@ fn listener_key(sock: Sock) -> Result<ListenerKey, i64> {
 fn listening(sock: Sock) -> Result<(), i64> {
     let owner = current_owner(ROLE_SERVER);
     LISTENERS
-        .insert(&listener_key(sock)?, &owner, 0)
+        .insert(listener_key(sock)?, owner, 0)
         .map_err(i64::from)
 }
 
@@ -89,7 +89,7 @@ fn owner_of(state: &SockState) -> Owner {
 }
 
 fn insert(sk: u64, state: &SockState) -> Result<&'static mut SockState, i64> {
-    if SOCKS.insert(&sk, state, 0).is_err() {
+    if SOCKS.insert(sk, state, 0).is_err() {
         count(Counter::SockStateInsertFailed);
         return Err(-1);
     }
@@ -97,7 +97,7 @@ fn insert(sk: u64, state: &SockState) -> Result<&'static mut SockState, i64> {
 }
 
 fn lookup(sk: u64) -> Result<&'static mut SockState, i64> {
-    match SOCKS.get_ptr_mut(&sk) {
+    match SOCKS.get_ptr_mut(sk) {
         // SAFETY: map values stay valid while the program runs.
         Some(state) => Ok(unsafe { &mut *state }),
         None => Err(-1),
@@ -164,7 +164,7 @@ fn client_established(sock: Sock, now: u64) -> Result<(), i64> {
 /// listener's until the process accepts it (see `syscalls::on_accept_exit`), which
 /// is also when the open event goes out.
 fn server_established(sock: Sock, now: u64) -> Result<(), i64> {
-    let owner = match LISTENERS.get_ptr(&listener_key(sock)?) {
+    let owner = match LISTENERS.get_ptr(listener_key(sock)?) {
         // SAFETY: map values stay valid while the program runs.
         Some(owner) => unsafe { *owner },
         None => Owner {
@@ -228,7 +228,7 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
             _pad: 0,
         });
         let tid_key = ((state.pid as u64) << 32) | state.tid as u64;
-        if let Some(call) = CONNECTS.get_ptr_mut(&tid_key) {
+        if let Some(call) = CONNECTS.get_ptr_mut(tid_key) {
             // SAFETY: map values stay valid while the program runs.
             let call = unsafe { &mut *call };
             if call.sk == sock.0 {
@@ -236,7 +236,7 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
             }
         }
     }
-    let _ = SOCKS.remove(&sock.0);
+    let _ = SOCKS.remove(sock.0);
     Ok(())
 }
 
@@ -334,7 +334,7 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
         total_retrans: sock.total_retrans().unwrap_or(0),
     };
     emit(&owner, &conn, || event);
-    let _ = RECENTLY_CLOSED.insert(&sock.0, &owner, 0);
-    let _ = SOCKS.remove(&sock.0);
+    let _ = RECENTLY_CLOSED.insert(sock.0, owner, 0);
+    let _ = SOCKS.remove(sock.0);
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::{
 /// Who owns `sk`: the live connection's owner, or the owner it had when it just
 /// closed (a RST often goes out right after CLOSE: close() with SO_LINGER 0).
 fn owner(sk: u64) -> Owner {
-    if let Some(state) = SOCKS.get_ptr(&sk) {
+    if let Some(state) = SOCKS.get_ptr(sk) {
         // SAFETY: map values stay valid while the program runs.
         let state = unsafe { &*state };
         return Owner {
@@ -25,7 +25,7 @@ fn owner(sk: u64) -> Owner {
             comm: state.comm,
         };
     }
-    if let Some(owner) = RECENTLY_CLOSED.get_ptr(&sk) {
+    if let Some(owner) = RECENTLY_CLOSED.get_ptr(sk) {
         // SAFETY: as above.
         return unsafe { *owner };
     }
@@ -58,7 +58,7 @@ fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
 }
 
 pub fn on_reset_received(sk: u64) -> Result<(), i64> {
-    if let Some(state) = SOCKS.get_ptr_mut(&sk) {
+    if let Some(state) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: map values stay valid while the program runs.
         unsafe { (*state).flags |= SOCK_RESET_IN };
     }

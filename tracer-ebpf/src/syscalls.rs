@@ -63,18 +63,18 @@ pub fn on_connect_enter(fd: i32, uservaddr: u64) -> Result<(), i64> {
         _pad: 0,
     };
     CONNECTS
-        .insert(&bpf_get_current_pid_tgid(), &call, 0)
+        .insert(bpf_get_current_pid_tgid(), call, 0)
         .map_err(i64::from)
 }
 
 pub fn on_connect_exit(ret: i64) -> Result<(), i64> {
     let key = bpf_get_current_pid_tgid();
-    let Some(call) = CONNECTS.get_ptr(&key) else {
+    let Some(call) = CONNECTS.get_ptr(key) else {
         return Ok(());
     };
     // SAFETY: map values stay valid while the program runs.
     let call = unsafe { *call };
-    let _ = CONNECTS.remove(&key);
+    let _ = CONNECTS.remove(key);
     let errno = -ret;
     // Success, a non-blocking connect under way (its outcome arrives through the
     // state change), or an interrupted one that carries on in the background.
@@ -109,7 +109,7 @@ pub fn on_accept_exit(ret: i64) -> Result<(), i64> {
         return Ok(());
     }
     let sock = sock_from_fd(ret as i32)?;
-    let Some(state) = SOCKS.get_ptr_mut(&sock.0) else {
+    let Some(state) = SOCKS.get_ptr_mut(sock.0) else {
         return Ok(());
     };
     // SAFETY: map values stay valid while the program runs.

@@ -139,12 +139,11 @@ impl KernelBtf {
             if member_name == name {
                 return Ok(Some((member.bit_offset(), member.clone())));
             }
-            if member_name.is_empty() {
-                if let Type::Struct(inner) | Type::Union(inner) = self.resolve(member)? {
-                    if let Some((bits, found)) = self.find_member(&inner, name)? {
-                        return Ok(Some((member.bit_offset() + bits, found)));
-                    }
-                }
+            if member_name.is_empty()
+                && let Type::Struct(inner) | Type::Union(inner) = self.resolve(member)?
+                && let Some((bits, found)) = self.find_member(&inner, name)?
+            {
+                return Ok(Some((member.bit_offset() + bits, found)));
             }
         }
         Ok(None)

@@ -96,12 +96,12 @@ fn scan() -> HashMap<ConnKey, ProcOwner> {
             }
         }
         // Each network namespace is read once, through the first process in it.
-        if let Ok(netns) = fs::metadata(proc_dir.join("ns/net")) {
-            if namespaces.insert(netns.ino()) {
-                for file in ["net/tcp", "net/tcp6"] {
-                    if let Ok(text) = fs::read_to_string(proc_dir.join(file)) {
-                        sockets.extend(parse_proc_net_tcp(&text));
-                    }
+        if let Ok(netns) = fs::metadata(proc_dir.join("ns/net"))
+            && namespaces.insert(netns.ino())
+        {
+            for file in ["net/tcp", "net/tcp6"] {
+                if let Ok(text) = fs::read_to_string(proc_dir.join(file)) {
+                    sockets.extend(parse_proc_net_tcp(&text));
                 }
             }
         }

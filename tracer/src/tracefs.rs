@@ -179,9 +179,9 @@ impl Format {
     }
 }
 
-/// Parses lines like `field:const void * skaddr;	offset:8;	size:8;	signed:0;`
-/// into (name, offset). The name is the declaration's last identifier, without
-/// an array suffix.
+/// Parses lines like `field:const void * skaddr; offset:8; size:8; signed:0;`
+/// (tab-separated) into (name, offset). The name is the declaration's last
+/// identifier, without an array suffix.
 fn parse_format(text: &str) -> Vec<(String, u32)> {
     text.lines()
         .filter_map(|line| {

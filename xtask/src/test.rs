@@ -17,7 +17,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 
     println!("test: unit tests");
     let mut unit = exec::cargo();
-    unit.args(["test", "--workspace", "--exclude", "integration-tests"]);
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "integration-tests",
+        "--exclude",
+        "tracer-ebpf",
+    ]);
     if let Some(filter) = &options.filter {
         unit.arg(filter);
     }
