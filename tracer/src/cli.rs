@@ -20,8 +20,9 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// What to do; without one, `trace` with its defaults.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +75,17 @@ pub struct TraceArgs {
     /// Only connections with this port at either end (filtered in the kernel).
     #[arg(long)]
     pub port: Option<u16>,
+}
+
+impl Default for TraceArgs {
+    fn default() -> Self {
+        Self {
+            format: Format::Text,
+            pid: None,
+            comm: None,
+            port: None,
+        }
+    }
 }
 
 /// Parses `8M`, `64K`, `1G` or a byte count, and checks the ring buffer's rules.

@@ -130,10 +130,10 @@ pub struct AttachReport {
 impl fmt::Display for AttachReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "state changes via {}", self.state_mode)?;
-        for degraded in &self.degraded {
-            write!(f, "; degraded: {degraded}")?;
+        match self.degraded.len() {
+            0 => Ok(()),
+            n => write!(f, ", {n} optional hooks unavailable"),
         }
-        Ok(())
     }
 }
 

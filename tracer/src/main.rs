@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, TraceArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,8 +30,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Trace(TraceArgs::default()));
     let result = runtime.block_on(async {
-        match &cli.command {
+        match &command {
             Command::Trace(args) => commands::trace::run(&cli.kernel, args).await,
             Command::Probe => commands::probe::run(&cli.kernel),
         }

@@ -23,7 +23,10 @@ pub async fn run(kernel: &KernelArgs, args: &TraceArgs) -> anyhow::Result<()> {
     };
     let mut session =
         Session::start(&super::load_options(kernel, filter)).context("cannot start tracing")?;
-    log::info!("tracing: {}", session.report());
+    eprintln!(
+        "tracer: tracing TCP connections ({}); Ctrl-C to stop",
+        session.report()
+    );
     for degraded in &session.report().degraded {
         log::warn!("{degraded}");
     }
