@@ -13,7 +13,7 @@ use std::{
 
 use tracer::{
     event::{Close, Detail, Event},
-    loader::{Filter, Options},
+    loader::{AttachReport, Filter, Options},
     session::{Session, Stats},
 };
 
@@ -87,6 +87,10 @@ impl Trace {
 
     pub fn stats(&self) -> Stats {
         self.session.stats()
+    }
+
+    pub fn report(&self) -> &AttachReport {
+        self.session.report()
     }
 
     pub fn dump(&self) -> String {

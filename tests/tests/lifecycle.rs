@@ -13,7 +13,7 @@ use std::{
 use integration_tests::*;
 use tracer::{
     event::{ClosedBy, ConnectError, Detail, Direction, Event, Role},
-    loader::Filter,
+    loader::{Filter, Options, StateHook},
 };
 
 fn port_filter(port: u16) -> Filter {
@@ -37,9 +37,25 @@ fn closes_on(lports: &[u16]) -> impl Fn(&[Event]) -> bool + '_ {
 /// Acceptance 1: the client closes first after 300 ms idle.
 #[test]
 fn client_closes_first_after_idle() {
+    client_closes_first_after_idle_with(StateHook::Auto, "tp_btf");
+}
+
+/// The same through the classic tracepoint, the fallback for kernels that refuse
+/// BTF tracepoints.
+#[test]
+fn classic_tracepoint_fallback_sees_the_same() {
+    client_closes_first_after_idle_with(StateHook::Tracepoint, "tracepoint");
+}
+
+fn client_closes_first_after_idle_with(state_hook: StateHook, expected_mode: &str) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let server_port = listener.local_addr().unwrap().port();
-    let mut trace = Trace::start(port_filter(server_port));
+    let mut trace = Trace::start_with(Options {
+        filter: port_filter(server_port),
+        state_hook,
+        ..Options::default()
+    });
+    assert_eq!(trace.report().state_mode, expected_mode);
 
     let server = thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
@@ -465,4 +481,62 @@ fn burst_of_ten_thousand_connections() {
     let stats = trace.stats();
     assert_eq!(stats.lost, 0, "events lost in the kernel");
     assert_eq!(stats.undecodable, 0);
+}
+
+/// The kernel-side pid filter: only the chosen process's connections come out.
+#[test]
+fn pid_filter_keeps_only_that_process() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0; 1];
+            stream.read_exact(&mut buf).unwrap();
+            stream.write_all(&[0; 2]).unwrap();
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).unwrap();
+        }
+    });
+    // The helper waits in its own pid before connecting: start it, filter on it.
+    let mut helper_cmd = Command::new("sh");
+    helper_cmd.args([
+        "-c",
+        &format!("read go && exec {PEER} filtered-peer connect 127.0.0.1:{server_port} 1 2 0"),
+    ]);
+    helper_cmd.stdin(std::process::Stdio::piped());
+    let mut helper = Peer::spawn(helper_cmd);
+    let mut trace = Trace::start(Filter {
+        pid: Some(helper.pid()),
+        ..Filter::default()
+    });
+    // A connection from this process, which the filter must drop...
+    let mine = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+    let my_port = mine.local_addr().unwrap().port();
+    let mut mine = mine;
+    mine.write_all(&[1]).unwrap();
+    mine.read_exact(&mut [0; 2]).unwrap();
+    drop(mine);
+    // ...and one from the helper, which it must keep.
+    helper
+        .child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"go\n")
+        .unwrap();
+    let helper_pid = helper.pid();
+    helper.wait_ok(WAIT);
+    server.join().unwrap();
+
+    let events = trace.wait_for(WAIT, |events| events.iter().any(|e| e.kind == "close"));
+    assert!(events.iter().all(|e| e.pid == helper_pid), "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.lport != my_port && e.rport != my_port)
+    );
+    let close = events.iter().find(|e| e.kind == "close").unwrap();
+    assert_eq!(close.comm, "filtered-peer");
+    assert_eq!(close.role, Role::Client);
 }

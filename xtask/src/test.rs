@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::bail;
 
-use crate::{exec, setup};
+use crate::{build, exec, setup};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -31,8 +31,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     exec::run(&mut unit)?;
 
     println!("test: integration tests (root, real kernel programs, real traffic)");
+    // The CLI tests run the agent binary itself.
+    let tracer = build::run(&build::Options { release: false })?;
     let mut integration = exec::cargo();
-    integration.args(["test", "--package", "integration-tests"]);
+    integration
+        .args(["test", "--package", "integration-tests"])
+        .env("TRACER_BIN", &tracer);
     if !exec::is_root() {
         if Command::new("sudo").arg("--version").output().is_err() {
             bail!("the integration tests need root, and sudo is not installed: run as root");
