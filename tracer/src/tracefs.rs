@@ -107,54 +107,69 @@ impl Tracefs {
     /// that is missing leaves its offsets at 0; its program is then not attached.
     pub fn tracepoint_offsets(&self) -> Result<TracepointOffsets, TracefsError> {
         let mut offsets = TracepointOffsets::default();
-        let field = |category, name, field| -> Result<Option<u32>, TracefsError> {
+        let wanted = [
+            (
+                &mut offsets.set_state_skaddr,
+                "sock",
+                "inet_sock_set_state",
+                "skaddr",
+            ),
+            (
+                &mut offsets.set_state_oldstate,
+                "sock",
+                "inet_sock_set_state",
+                "oldstate",
+            ),
+            (
+                &mut offsets.set_state_newstate,
+                "sock",
+                "inet_sock_set_state",
+                "newstate",
+            ),
+            (
+                &mut offsets.receive_reset_skaddr,
+                "tcp",
+                "tcp_receive_reset",
+                "skaddr",
+            ),
+            (
+                &mut offsets.send_reset_skaddr,
+                "tcp",
+                "tcp_send_reset",
+                "skaddr",
+            ),
+            (
+                &mut offsets.retransmit_skaddr,
+                "tcp",
+                "tcp_retransmit_skb",
+                "skaddr",
+            ),
+            (
+                &mut offsets.connect_fd,
+                "syscalls",
+                "sys_enter_connect",
+                "fd",
+            ),
+            (
+                &mut offsets.connect_uservaddr,
+                "syscalls",
+                "sys_enter_connect",
+                "uservaddr",
+            ),
+            (
+                &mut offsets.sys_exit_ret,
+                "syscalls",
+                "sys_exit_connect",
+                "ret",
+            ),
+        ];
+        for (slot, category, name, field) in wanted {
             match self.format(category, name) {
-                Ok(format) => format.offset(field).map(Some),
-                Err(TracefsError::NoTracepoint(_)) => Ok(None),
-                Err(e) => Err(e),
+                Ok(format) => *slot = format.offset(field)?,
+                Err(TracefsError::NoTracepoint(_)) => {}
+                Err(e) => return Err(e),
             }
-        };
-        let set = |slot: &mut u32, value: Option<u32>| {
-            if let Some(value) = value {
-                *slot = value;
-            }
-        };
-        set(
-            &mut offsets.set_state_skaddr,
-            field("sock", "inet_sock_set_state", "skaddr")?,
-        );
-        set(
-            &mut offsets.set_state_oldstate,
-            field("sock", "inet_sock_set_state", "oldstate")?,
-        );
-        set(
-            &mut offsets.set_state_newstate,
-            field("sock", "inet_sock_set_state", "newstate")?,
-        );
-        set(
-            &mut offsets.receive_reset_skaddr,
-            field("tcp", "tcp_receive_reset", "skaddr")?,
-        );
-        set(
-            &mut offsets.send_reset_skaddr,
-            field("tcp", "tcp_send_reset", "skaddr")?,
-        );
-        set(
-            &mut offsets.retransmit_skaddr,
-            field("tcp", "tcp_retransmit_skb", "skaddr")?,
-        );
-        set(
-            &mut offsets.connect_fd,
-            field("syscalls", "sys_enter_connect", "fd")?,
-        );
-        set(
-            &mut offsets.connect_uservaddr,
-            field("syscalls", "sys_enter_connect", "uservaddr")?,
-        );
-        set(
-            &mut offsets.sys_exit_ret,
-            field("syscalls", "sys_exit_connect", "ret")?,
-        );
+        }
         Ok(offsets)
     }
 }
