@@ -17,7 +17,9 @@ pub struct Config {
     pub filters: u32,
     pub filter_pid: u32,
     pub filter_port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: u16,
+    /// Sends after at least this many jiffies of idleness produce a reuse event.
+    pub min_idle_jiffies: u32,
     /// NUL-padded command name.
     pub filter_comm: [u8; COMM_LEN],
 }

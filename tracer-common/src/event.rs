@@ -14,6 +14,7 @@ pub enum EventKind {
     Reset = 3,
     Retransmit = 4,
     ConnectError = 5,
+    Reuse = 6,
 }
 
 impl EventKind {
@@ -24,6 +25,7 @@ impl EventKind {
             3 => Self::Reset,
             4 => Self::Retransmit,
             5 => Self::ConnectError,
+            6 => Self::Reuse,
             _ => return None,
         })
     }
@@ -84,6 +86,9 @@ pub const CLOSE_DURATION_KNOWN: u32 = 1 << 0;
 pub const CLOSE_WAIT_KNOWN: u32 = 1 << 1;
 /// `CloseEvent::flags`: `idle_jiffies` was measured at the first FIN or RST.
 pub const CLOSE_IDLE_KNOWN: u32 = 1 << 2;
+/// `CloseEvent::flags`: at the first FIN or RST the last payload had gone out from
+/// this side and nothing had come back since: a request was outstanding.
+pub const CLOSE_AWAITING_REPLY: u32 = 1 << 3;
 
 /// How a connection ended, from this socket's point of view.
 #[repr(u32)]
@@ -162,7 +167,39 @@ pub struct ResetEvent {
     pub state: u32,
     /// Jiffies since the last payload in either direction.
     pub idle_jiffies: u32,
-    /// `IDLE_KNOWN`.
+    /// `IDLE_KNOWN`, `RESET_AFTER_CLOSE`.
+    pub flags: u32,
+    /// With `RESET_AFTER_CLOSE`: time since this side's connection reached CLOSE.
+    pub since_close_ns: u64,
+    /// With `RESET_AFTER_CLOSE`: how that connection had ended (`ClosedBy`).
+    pub closed_by: u32,
+    pub _pad: u32,
+}
+
+/// `ResetEvent::flags`: the RST went out for a connection this side had already
+/// closed (from its TIME_WAIT remnant, or right after CLOSE): the peer sent data
+/// after the close.
+pub const RESET_AFTER_CLOSE: u32 = 1 << 1;
+
+/// `ReuseEvent::flags`: the peer had closed the connection (its FIN arrived)
+/// before this send: the request went to a connection that was already gone.
+pub const REUSE_PEER_CLOSED: u32 = 1 << 0;
+
+/// The first send on a connection after it sat idle for at least the configured
+/// minimum, or any first send after the peer's FIN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ReuseEvent {
+    pub header: EventHeader,
+    pub conn: Endpoints,
+    /// Jiffies since the last payload in either direction, before this send.
+    pub idle_jiffies: u32,
+    /// Bytes this send accepted.
+    pub bytes: u32,
+    /// TCP state right after the send (on loopback the peer's answer may already
+    /// have been processed).
+    pub state: u32,
+    /// `REUSE_*` flags.
     pub flags: u32,
 }
 
@@ -200,7 +237,11 @@ const _: () = {
     assert!(size_of::<Endpoints>() == 40);
     assert!(size_of::<OpenEvent>() == 96);
     assert!(size_of::<CloseEvent>() == 136);
-    assert!(size_of::<ResetEvent>() == 96);
+    assert!(size_of::<ResetEvent>() == 112);
+    assert!(size_of::<ReuseEvent>() == 96);
     assert!(size_of::<RetransmitEvent>() == 96);
     assert!(size_of::<ConnectErrorEvent>() == 96);
 };
+
+#[cfg(feature = "user")]
+crate::impl_pod!(Endpoints);

@@ -9,7 +9,10 @@ pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_LISTENERS: &str = "LISTENERS";
 /// `connect()` calls in flight, keyed by thread (pid_tgid).
 pub const MAP_CONNECTS: &str = "CONNECTS";
-/// Owners of sockets that just reached CLOSE, for resets sent after the close.
+/// Connections in CLOSE_WAIT, for the leak scan.
+pub const MAP_CLOSE_WAITS: &str = "CLOSE_WAITS";
+/// Owners of connections that just reached CLOSE, keyed by endpoints, for resets
+/// sent after the close.
 pub const MAP_RECENTLY_CLOSED: &str = "RECENTLY_CLOSED";
 /// Per-CPU counters indexed by [`crate::state::Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -31,3 +34,5 @@ pub const PROG_RETRANSMIT: &str = "tcp_retransmit_skb";
 pub const PROG_CONNECT_ENTER: &str = "sys_enter_connect";
 pub const PROG_CONNECT_EXIT: &str = "sys_exit_connect";
 pub const PROG_ACCEPT_EXIT: &str = "sys_exit_accept";
+/// `tp_btf/sock_send_length`: sends, for reuse after idle.
+pub const PROG_SEND_BTF: &str = "sock_send_length_btf";

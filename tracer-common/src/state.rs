@@ -15,6 +15,8 @@ pub const SOCK_CLOSE_WAIT_DONE: u32 = 1 << 3;
 /// `SockState::flags`: `idle_jiffies` was measured when the connection left
 /// ESTABLISHED.
 pub const SOCK_IDLE_KNOWN: u32 = 1 << 4;
+/// `SockState::flags`: at the first FIN or RST a request was outstanding.
+pub const SOCK_AWAITING_REPLY: u32 = 1 << 5;
 
 /// What the programs remember about one socket, from its first state change to CLOSE.
 #[repr(C)]
@@ -61,6 +63,45 @@ pub struct Owner {
     pub comm: [u8; COMM_LEN],
 }
 
+/// A connection that just reached CLOSE, keyed by its endpoints so that its
+/// TIME_WAIT remnant (another kernel object) can be attributed too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ClosedConn {
+    pub owner: Owner,
+    pub close_ns: u64,
+    /// `ClosedBy`.
+    pub closed_by: u32,
+    pub _pad: u32,
+}
+
+/// A connection its peer closed and the process has not, keyed by socket.
+/// Userspace scans these for CLOSE_WAIT leaks; the map only ever holds sockets
+/// currently in CLOSE_WAIT, so a scan is cheap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloseWait {
+    pub owner: Owner,
+    pub conn: Endpoints,
+    /// When the peer's FIN arrived.
+    pub since_ns: u64,
+}
+
+/// `SendState::flags`: `last_send_jiffies` holds a send.
+pub const SEND_SEEN: u32 = 1 << 0;
+/// `SendState::flags`: the peer's FIN arrived.
+pub const SEND_PEER_FIN: u32 = 1 << 1;
+/// `SendState::flags`: a send after the peer's FIN was reported.
+pub const SEND_STALE_REPORTED: u32 = 1 << 2;
+
+/// Socket-local storage of the send hook: what the next send needs to know.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SendState {
+    pub last_send_jiffies: u32,
+    pub flags: u32,
+}
+
 /// A `connect()` call in flight, keyed by thread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -92,7 +133,18 @@ const _: () = {
     assert!(size_of::<ListenerKey>() == 8);
     assert!(size_of::<Owner>() == 24);
     assert!(size_of::<ConnectCall>() == 64);
+    assert!(size_of::<ClosedConn>() == 40);
+    assert!(size_of::<CloseWait>() == 72);
+    assert!(size_of::<SendState>() == 8);
 };
 
 #[cfg(feature = "user")]
-crate::impl_pod!(SockState, ListenerKey, Owner, ConnectCall);
+crate::impl_pod!(
+    SockState,
+    ListenerKey,
+    Owner,
+    ConnectCall,
+    ClosedConn,
+    CloseWait,
+    SendState
+);

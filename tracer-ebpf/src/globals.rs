@@ -9,7 +9,8 @@ static CONFIG: Config = Config {
     filters: 0,
     filter_pid: 0,
     filter_port: 0,
-    _pad: [0; 6],
+    _pad: 0,
+    min_idle_jiffies: 0,
     filter_comm: [0; 16],
 };
 

@@ -104,7 +104,7 @@ impl Sock {
     /// Both stamps are 32-bit jiffies (`tcp_jiffies32`), compared with wrap-around.
     pub fn idle_jiffies(self) -> Result<u32, i64> {
         let sent: u32 = read(self.0 + offset!(tcp_lsndtime))?;
-        let received: u32 = read(self.0 + offset!(icsk_ack_lrcvtime))?;
+        let received = self.last_receive_jiffies()?;
         let last = if (sent.wrapping_sub(received) as i32) > 0 {
             sent
         } else {
@@ -116,8 +116,21 @@ impl Sock {
     /// Jiffies since payload last came in from the peer.
     #[inline(always)]
     pub fn receive_idle_jiffies(self) -> Result<u32, i64> {
-        let received: u32 = read(self.0 + offset!(icsk_ack_lrcvtime))?;
-        Ok(jiffies32().wrapping_sub(received))
+        Ok(jiffies32().wrapping_sub(self.last_receive_jiffies()?))
+    }
+
+    /// When payload last came in (the handshake's time before any did).
+    #[inline(always)]
+    pub fn last_receive_jiffies(self) -> Result<u32, i64> {
+        read(self.0 + offset!(icsk_ack_lrcvtime))
+    }
+
+    /// Whether the last payload went out from this side with nothing received
+    /// after it: a request is outstanding.
+    #[inline(always)]
+    pub fn awaiting_reply(self) -> Result<bool, i64> {
+        let sent: u32 = read(self.0 + offset!(tcp_lsndtime))?;
+        Ok((sent.wrapping_sub(self.last_receive_jiffies()?) as i32) > 0)
     }
 
     /// Payload bytes sent, retransmissions counted once. (`bytes_acked` would

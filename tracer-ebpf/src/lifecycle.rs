@@ -5,12 +5,13 @@
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{
     event::{
-        CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN, CLOSE_WAIT_KNOWN, CloseEvent, ClosedBy,
-        ConnectErrorEvent, EventKind, OpenEvent, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
+        CLOSE_AWAITING_REPLY, CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN, CLOSE_WAIT_KNOWN, CloseEvent,
+        ClosedBy, ConnectErrorEvent, EventKind, OpenEvent, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
     },
     state::{
-        Counter, ListenerKey, Owner, SOCK_CLOSE_WAIT_DONE, SOCK_CLOSING, SOCK_IDLE_KNOWN,
-        SOCK_OPEN_EMITTED, SOCK_RESET_IN, SockState,
+        CloseWait, ClosedConn, Counter, ListenerKey, Owner, SOCK_AWAITING_REPLY,
+        SOCK_CLOSE_WAIT_DONE, SOCK_CLOSING, SOCK_IDLE_KNOWN, SOCK_OPEN_EMITTED, SOCK_RESET_IN,
+        SockState,
     },
     tcp::*,
 };
@@ -18,7 +19,7 @@ use tracer_common::{
 use crate::{
     emit::{current_owner, emit, header, now_ns},
     kernel::Sock,
-    maps::{CONNECTS, LISTENERS, RECENTLY_CLOSED, SOCKS, count},
+    maps::{CLOSE_WAITS, CONNECTS, LISTENERS, RECENTLY_CLOSED, SOCKS, count},
 };
 
 pub fn on_state_change(sk: u64, old: u32, new: u32) -> Result<(), i64> {
@@ -240,15 +241,33 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
     Ok(())
 }
 
-/// The first FIN, sent (`Local`) or received (`Peer`): remember when, and how long
-/// the connection had been idle.
+/// The first FIN or RST on an established connection: remember when, how long the
+/// connection had been idle, and whether a request was outstanding.
+fn mark_first_close(sock: Sock, state: &mut SockState, now: u64, by: ClosedBy) {
+    state.flags |= SOCK_CLOSING | SOCK_IDLE_KNOWN;
+    if sock.awaiting_reply().unwrap_or(false) {
+        state.flags |= SOCK_AWAITING_REPLY;
+    }
+    state.first_close_ns = now;
+    state.closed_by = by as u32;
+    state.idle_jiffies = sock.idle_jiffies().unwrap_or(0);
+}
+
+/// The first FIN, sent (`Local`) or received (`Peer`). A peer's FIN starts
+/// CLOSE_WAIT, which the leak scan watches until the process closes its side.
 fn first_fin(sock: Sock, now: u64, by: ClosedBy, process_context: bool) -> Result<(), i64> {
     let state = lookup_or_adopt(sock.0, process_context)?;
-    if state.flags & SOCK_CLOSING == 0 {
-        state.flags |= SOCK_CLOSING | SOCK_IDLE_KNOWN;
-        state.first_close_ns = now;
-        state.closed_by = by as u32;
-        state.idle_jiffies = sock.idle_jiffies().unwrap_or(0);
+    if state.flags & SOCK_CLOSING != 0 {
+        return Ok(());
+    }
+    mark_first_close(sock, state, now, by);
+    if by == ClosedBy::Peer {
+        let waiting = CloseWait {
+            owner: owner_of(state),
+            conn: sock.endpoints()?,
+            since_ns: now,
+        };
+        let _ = CLOSE_WAITS.insert(sock.0, waiting, 0);
     }
     Ok(())
 }
@@ -257,6 +276,7 @@ fn first_fin(sock: Sock, now: u64, by: ClosedBy, process_context: bool) -> Resul
 /// closed. Process context.
 fn closed_after_peer(sock: Sock, now: u64) -> Result<(), i64> {
     let state = lookup_or_adopt(sock.0, true)?;
+    let _ = CLOSE_WAITS.remove(sock.0);
     if state.flags & SOCK_CLOSING != 0 && state.flags & SOCK_CLOSE_WAIT_DONE == 0 {
         state.flags |= SOCK_CLOSE_WAIT_DONE;
         state.close_wait_ns = now - state.first_close_ns;
@@ -288,14 +308,16 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
     };
     let errno = sock.err().unwrap_or(0);
     if state.flags & SOCK_CLOSING == 0 {
-        state.flags |= SOCK_CLOSING;
+        let cause = abort_cause(state, old, errno);
         if old == TCP_ESTABLISHED {
-            state.flags |= SOCK_IDLE_KNOWN;
-            state.idle_jiffies = sock.idle_jiffies().unwrap_or(0);
+            mark_first_close(sock, state, now, cause);
+        } else {
+            state.flags |= SOCK_CLOSING;
+            state.first_close_ns = now;
+            state.closed_by = cause as u32;
         }
-        state.first_close_ns = now;
-        state.closed_by = abort_cause(state, old, errno) as u32;
     }
+    let _ = CLOSE_WAITS.remove(sock.0);
     if state.role == ROLE_SERVER && state.flags & SOCK_OPEN_EMITTED == 0 {
         // Closed before the process accepted it: report the open now, on behalf of
         // the listener's owner.
@@ -312,6 +334,9 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
     }
     if state.flags & SOCK_IDLE_KNOWN != 0 {
         flags |= CLOSE_IDLE_KNOWN;
+    }
+    if state.flags & SOCK_AWAITING_REPLY != 0 {
+        flags |= CLOSE_AWAITING_REPLY;
     }
     let owner = owner_of(state);
     let conn = sock.endpoints()?;
@@ -334,7 +359,13 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
         total_retrans: sock.total_retrans().unwrap_or(0),
     };
     emit(&owner, &conn, || event);
-    let _ = RECENTLY_CLOSED.insert(sock.0, owner, 0);
+    let closed = ClosedConn {
+        owner,
+        close_ns: now,
+        closed_by: state.closed_by,
+        _pad: 0,
+    };
+    let _ = RECENTLY_CLOSED.insert(conn, closed, 0);
     let _ = SOCKS.remove(sock.0);
     Ok(())
 }

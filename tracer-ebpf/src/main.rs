@@ -13,6 +13,7 @@ mod kernel;
 mod lifecycle;
 mod maps;
 mod resets;
+mod reuse;
 mod syscalls;
 
 use core::ffi::c_void;
@@ -21,13 +22,28 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
+use tracer_common::tcp::{TCP_CLOSE_WAIT, TCP_ESTABLISHED};
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
-    let sk: *const c_void = ctx.arg(0);
+    let sk: *mut c_void = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     let _ = lifecycle::on_state_change(sk as u64, old as u32, new as u32);
+    // Only this flavour has the typed socket pointer socket storage needs.
+    if old as u32 == TCP_ESTABLISHED && new as u32 == TCP_CLOSE_WAIT {
+        reuse::peer_closed(sk);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    if ret > 0 {
+        let _ = reuse::on_send(sk, ret as u32);
+    }
     0
 }
 

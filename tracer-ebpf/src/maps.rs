@@ -2,10 +2,16 @@
 //! the ring buffer and socket-table sizes at load time.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::state::{ConnectCall, Counter, ListenerKey, Owner, SockState};
+use tracer_common::{
+    event::Endpoints,
+    state::{
+        CloseWait, ClosedConn, ConnectCall, Counter, ListenerKey, Owner, SendState, SockState,
+    },
+};
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
@@ -20,7 +26,15 @@ pub static LISTENERS: LruHashMap<ListenerKey, Owner> = LruHashMap::with_max_entr
 pub static CONNECTS: LruHashMap<u64, ConnectCall> = LruHashMap::with_max_entries(16_384, 0);
 
 #[map]
-pub static RECENTLY_CLOSED: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(16_384, 0);
+pub static RECENTLY_CLOSED: LruHashMap<Endpoints, ClosedConn> =
+    LruHashMap::with_max_entries(16_384, 0);
+
+#[map]
+pub static CLOSE_WAITS: LruHashMap<u64, CloseWait> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Per-socket state of the send hook, freed by the kernel with the socket.
+#[btf_map]
+pub static SEND_STATE: SkStorage<SendState> = SkStorage::new();
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> =

@@ -2,9 +2,10 @@
 
 use tracer_common::{
     event::{
-        EventKind, IDLE_KNOWN, RESET_IN, RESET_OUT, ROLE_UNKNOWN, ResetEvent, RetransmitEvent,
+        Endpoints, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE, RESET_IN, RESET_OUT, ROLE_UNKNOWN,
+        ResetEvent, RetransmitEvent,
     },
-    state::{Owner, SOCK_RESET_IN},
+    state::{ClosedConn, Owner, SOCK_RESET_IN},
 };
 
 use crate::{
@@ -13,39 +14,52 @@ use crate::{
     maps::{RECENTLY_CLOSED, SOCKS},
 };
 
-/// Who owns `sk`: the live connection's owner, or the owner it had when it just
-/// closed (a RST often goes out right after CLOSE: close() with SO_LINGER 0).
-fn owner(sk: u64) -> Owner {
-    if let Some(state) = SOCKS.get_ptr(sk) {
+/// Who owns the connection, and when it closed if it already has: the live
+/// connection's owner, else the owner it had when it reached CLOSE. A RST often
+/// goes out after CLOSE: close() with SO_LINGER 0 sends it right after, and data
+/// arriving at a TIME_WAIT remnant (another kernel object with the same
+/// endpoints) is answered with one.
+fn owner(sock: Sock, conn: &Endpoints) -> (Owner, Option<ClosedConn>) {
+    if let Some(state) = SOCKS.get_ptr(sock.0) {
         // SAFETY: map values stay valid while the program runs.
         let state = unsafe { &*state };
-        return Owner {
+        let owner = Owner {
             pid: state.pid,
             role: state.role,
             comm: state.comm,
         };
+        return (owner, None);
     }
-    if let Some(owner) = RECENTLY_CLOSED.get_ptr(sk) {
+    if let Some(closed) = RECENTLY_CLOSED.get_ptr(conn) {
         // SAFETY: as above.
-        return unsafe { *owner };
+        let closed = unsafe { *closed };
+        return (closed.owner, Some(closed));
     }
-    Owner {
+    let unknown = Owner {
         pid: 0,
         role: ROLE_UNKNOWN,
         comm: [0; 16],
-    }
+    };
+    (unknown, None)
 }
 
 fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
     let state = sock.state()?;
-    let (idle_jiffies, flags) = if sock.has_idle_stamps() {
+    let (idle_jiffies, mut flags) = if sock.has_idle_stamps() {
         (sock.idle_jiffies().unwrap_or(0), IDLE_KNOWN)
     } else {
         (0, 0)
     };
-    let owner = owner(sock.0);
     let conn = sock.endpoints()?;
+    let (owner, closed) = owner(sock, &conn);
     let now = now_ns();
+    let (since_close_ns, closed_by) = match closed {
+        Some(closed) => {
+            flags |= RESET_AFTER_CLOSE;
+            (now.saturating_sub(closed.close_ns), closed.closed_by)
+        }
+        None => (0, 0),
+    };
     emit(&owner, &conn, || ResetEvent {
         header: header::<ResetEvent>(EventKind::Reset, now, &owner),
         conn,
@@ -53,6 +67,9 @@ fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
         state,
         idle_jiffies,
         flags,
+        since_close_ns,
+        closed_by,
+        _pad: 0,
     });
     Ok(())
 }
@@ -78,8 +95,8 @@ pub fn on_retransmit(sk: u64) -> Result<(), i64> {
     if !sock.is_full() {
         return Ok(());
     }
-    let owner = owner(sk);
     let conn = sock.endpoints()?;
+    let (owner, _) = owner(sock, &conn);
     let state = sock.state()?;
     let (idle_jiffies, flags) = if sock.has_idle_stamps() {
         (sock.receive_idle_jiffies().unwrap_or(0), IDLE_KNOWN)

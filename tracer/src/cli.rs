@@ -52,6 +52,12 @@ pub struct KernelArgs {
     #[arg(long, global = true, default_value_t = 262_144)]
     pub max_connections: u32,
 
+    /// A send after at least this much idleness is a connection reuse (reported
+    /// as a `reuse` event, and checked against the peer's idle timeout). Busy
+    /// connections cost nothing beyond the check.
+    #[arg(long, global = true, default_value = "250ms", value_name = "DURATION")]
+    pub min_idle: humantime::Duration,
+
     /// How state changes are hooked; `auto` prefers the BTF tracepoint.
     #[arg(long, global = true, value_enum, default_value_t = StateHook::Auto)]
     pub state_hook: StateHook,

@@ -72,6 +72,12 @@ impl Jiffies {
         Duration::from_nanos(jiffies as u64 * 1_000_000_000 / self.hz as u64)
     }
 
+    /// The fewest jiffies that last at least `duration`.
+    pub fn ceil_from(self, duration: Duration) -> u32 {
+        let jiffy_ns = 1_000_000_000 / self.hz as u128;
+        duration.as_nanos().div_ceil(jiffy_ns).min(u32::MAX as u128) as u32
+    }
+
     /// The running kernel's CONFIG_HZ: from its build configuration when it is
     /// published, otherwise measured from /proc/timer_list over 100 ms.
     pub fn detect() -> Result<Self, ClockError> {
@@ -163,6 +169,8 @@ mod tests {
             Jiffies { hz: 1000 }.to_duration(1),
             Duration::from_millis(1)
         );
+        assert_eq!(jiffies.ceil_from(Duration::from_millis(250)), 63);
+        assert_eq!(jiffies.ceil_from(Duration::from_millis(248)), 62);
     }
 
     #[test]

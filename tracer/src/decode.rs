@@ -9,8 +9,8 @@ use std::{
 use tracer_common::{
     COMM_LEN,
     event::{
-        self as raw, CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN, CLOSE_WAIT_KNOWN, EventHeader,
-        EventKind, IDLE_KNOWN,
+        self as raw, CLOSE_AWAITING_REPLY, CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN,
+        CLOSE_WAIT_KNOWN, EventHeader, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE, REUSE_PEER_CLOSED,
     },
     tcp::{AF_INET, AF_INET6, state_name},
 };
@@ -18,7 +18,8 @@ use tracer_common::{
 use crate::{
     clock::{Jiffies, WallClock},
     event::{
-        Close, ClosedBy, ConnectError, Detail, Direction, Event, Open, Reset, Retransmit, Role,
+        Close, ClosedBy, ConnectError, Detail, Direction, Event, Open, Reset, Retransmit, Reuse,
+        Role,
     },
 };
 
@@ -75,6 +76,19 @@ impl Decoder {
                     state: state_name(e.state),
                     idle_ms: (e.flags & IDLE_KNOWN != 0)
                         .then(|| millis(self.jiffies.to_duration(e.idle_jiffies))),
+                    since_close_ms: (e.flags & RESET_AFTER_CLOSE != 0)
+                        .then(|| fractional_ms(e.since_close_ns)),
+                    closed_by: (e.flags & RESET_AFTER_CLOSE != 0).then(|| closed_by(e.closed_by)),
+                });
+                (e.conn, detail)
+            }
+            EventKind::Reuse => {
+                let e: raw::ReuseEvent = read_kind(bytes, kind)?;
+                let detail = Detail::Reuse(Reuse {
+                    idle_ms: millis(self.jiffies.to_duration(e.idle_jiffies)),
+                    bytes: e.bytes,
+                    state: state_name(e.state),
+                    peer_closed: e.flags & REUSE_PEER_CLOSED != 0,
                 });
                 (e.conn, detail)
             }
@@ -122,22 +136,27 @@ impl Decoder {
                 .then(|| fractional_ms(e.duration_ns)),
             bytes_sent: e.bytes_sent,
             bytes_received: e.bytes_received,
-            closed_by: match raw::ClosedBy::from_u32(e.closed_by) {
-                raw::ClosedBy::Local => ClosedBy::Local,
-                raw::ClosedBy::Peer => ClosedBy::Peer,
-                raw::ClosedBy::ResetLocal => ClosedBy::ResetLocal,
-                raw::ClosedBy::ResetPeer => ClosedBy::ResetPeer,
-                raw::ClosedBy::Timeout => ClosedBy::Timeout,
-                raw::ClosedBy::Unknown => ClosedBy::Unknown,
-            },
+            closed_by: closed_by(e.closed_by),
             idle_ms: (e.flags & CLOSE_IDLE_KNOWN != 0)
                 .then(|| millis(self.jiffies.to_duration(e.idle_jiffies))),
             close_wait_ms: (e.flags & CLOSE_WAIT_KNOWN != 0)
                 .then(|| fractional_ms(e.close_wait_ns)),
             error: (e.errno != 0).then(|| errno_name(e.errno)),
+            awaiting_reply: e.flags & CLOSE_AWAITING_REPLY != 0,
             srtt_us: e.srtt_us,
             retransmits: e.total_retrans,
         }
+    }
+}
+
+fn closed_by(raw: u32) -> ClosedBy {
+    match raw::ClosedBy::from_u32(raw) {
+        raw::ClosedBy::Local => ClosedBy::Local,
+        raw::ClosedBy::Peer => ClosedBy::Peer,
+        raw::ClosedBy::ResetLocal => ClosedBy::ResetLocal,
+        raw::ClosedBy::ResetPeer => ClosedBy::ResetPeer,
+        raw::ClosedBy::Timeout => ClosedBy::Timeout,
+        raw::ClosedBy::Unknown => ClosedBy::Unknown,
     }
 }
 

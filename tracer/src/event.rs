@@ -57,6 +57,7 @@ pub enum Detail {
     Reset(Reset),
     Retransmit(Retransmit),
     ConnectError(ConnectError),
+    Reuse(Reuse),
 }
 
 impl Detail {
@@ -68,6 +69,7 @@ impl Detail {
             Self::Reset(_) => "reset",
             Self::Retransmit(_) => "retransmit",
             Self::ConnectError(_) => "connect_error",
+            Self::Reuse(_) => "reuse",
         }
     }
 }
@@ -89,6 +91,9 @@ pub struct Close {
     pub idle_ms: Option<u64>,
     pub close_wait_ms: Option<f64>,
     pub error: Option<String>,
+    /// At the first FIN or RST, this side had sent the last payload and nothing
+    /// had come back: a request was outstanding.
+    pub awaiting_reply: bool,
     pub srtt_us: u32,
     pub retransmits: u32,
 }
@@ -98,6 +103,22 @@ pub struct Reset {
     pub direction: Direction,
     pub state: &'static str,
     pub idle_ms: Option<u64>,
+    /// When the RST went out for a connection this side had already closed: how
+    /// long ago it closed.
+    pub since_close_ms: Option<f64>,
+    /// With `since_close_ms`: how that connection had ended.
+    pub closed_by: Option<ClosedBy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reuse {
+    /// How long the connection had carried no payload before this send.
+    pub idle_ms: u64,
+    pub bytes: u32,
+    /// TCP state right after the send.
+    pub state: &'static str,
+    /// The peer had already closed the connection (its FIN arrived before the send).
+    pub peer_closed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -8,6 +8,7 @@
 pub mod btf_offsets;
 pub mod clock;
 pub mod decode;
+pub mod diagnosis;
 pub mod event;
 pub mod loader;
 pub mod output;

@@ -1,7 +1,7 @@
 //! Loading the kernel programs and attaching them, with a fallback for each hook
 //! the running kernel may refuse.
 
-use std::{fmt, path::PathBuf};
+use std::{cell::OnceCell, fmt, path::PathBuf, time::Duration};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -15,6 +15,7 @@ use tracer_common::{
 
 use crate::{
     btf_offsets::{BtfError, KernelBtf},
+    clock::Jiffies,
     tracefs::{Tracefs, TracefsError},
 };
 
@@ -103,6 +104,8 @@ pub struct Options {
     pub max_sockets: u32,
     pub filter: Filter,
     pub state_hook: StateHook,
+    /// Sends after at least this much idleness are reported as reuses.
+    pub min_idle: Duration,
 }
 
 impl Default for Options {
@@ -113,6 +116,7 @@ impl Default for Options {
             max_sockets: 262_144,
             filter: Filter::default(),
             state_hook: StateHook::Auto,
+            min_idle: Duration::from_millis(250),
         }
     }
 }
@@ -144,7 +148,7 @@ pub struct Loaded {
 
 /// Checks privileges and kernel version, resolves offsets, loads the object and
 /// attaches every program.
-pub fn load(options: &Options) -> Result<Loaded, LoadError> {
+pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     check_privileges()?;
     check_kernel_version()?;
     raise_memlock_limit();
@@ -152,7 +156,8 @@ pub fn load(options: &Options) -> Result<Loaded, LoadError> {
     let kernel_btf = KernelBtf::load(options.btf.as_deref())?;
     let offsets = kernel_btf.kernel_offsets()?;
     let tp_offsets = tracefs.tracepoint_offsets()?;
-    let config = options.filter.config();
+    let mut config = options.filter.config();
+    config.min_idle_jiffies = jiffies.ceil_from(options.min_idle);
 
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
@@ -164,9 +169,28 @@ pub fn load(options: &Options) -> Result<Loaded, LoadError> {
         .map_err(LoadError::Load)?;
 
     let mut report = AttachReport::default();
-    attach_state_hook(&mut ebpf, options, &kernel_btf, &tracefs, &mut report)?;
+    let btf_hooks = BtfHooks {
+        kernel_btf: &kernel_btf,
+        parsed: OnceCell::new(),
+    };
+    attach_state_hook(&mut ebpf, options, &btf_hooks, &tracefs, &mut report)?;
     // Without these the lifecycle still works; what each one adds is named when it
     // is missing.
+    match btf_hooks.attach(&mut ebpf, PROG_SEND_BTF, "sock_send_length") {
+        Ok(()) => {
+            report.attached.push("tp_btf/sock_send_length".into());
+            if report.state_mode != "tp_btf" {
+                report.degraded.push(
+                    "state changes via the classic tracepoint: sends after the peer's FIN \
+                     are reported as reuses but not flagged peer_closed"
+                        .into(),
+                );
+            }
+        }
+        Err(e) => report.degraded.push(format!(
+            "tp_btf/sock_send_length ({e:#}): no reuse events, no stale_reuse findings"
+        )),
+    }
     let optional: [(&str, &str, &str, &str); 6] = [
         (
             PROG_RECEIVE_RESET,
@@ -247,14 +271,12 @@ where
 fn attach_state_hook(
     ebpf: &mut Ebpf,
     options: &Options,
-    kernel_btf: &KernelBtf,
+    btf_hooks: &BtfHooks,
     tracefs: &Tracefs,
     report: &mut AttachReport,
 ) -> Result<(), LoadError> {
-    let want_btf = options.state_hook != StateHook::Tracepoint
-        && kernel_btf.has_btf_tracepoint("inet_sock_set_state");
-    if want_btf {
-        match attach_btf_state_hook(ebpf, kernel_btf) {
+    if options.state_hook != StateHook::Tracepoint {
+        match btf_hooks.attach(ebpf, PROG_SET_STATE_BTF, "inet_sock_set_state") {
             Ok(()) => {
                 report.state_mode = "tp_btf";
                 report.attached.push("tp_btf/inet_sock_set_state".into());
@@ -262,19 +284,14 @@ fn attach_state_hook(
             }
             Err(e) if options.state_hook == StateHook::Auto => {
                 log::info!(
-                    "tp_btf/inet_sock_set_state refused ({e:#}); using the classic tracepoint"
+                    "tp_btf/inet_sock_set_state unavailable ({e:#}); using the classic tracepoint"
                 );
                 report
                     .degraded
-                    .push(format!("tp_btf/inet_sock_set_state refused: {e}"));
+                    .push(format!("tp_btf/inet_sock_set_state unavailable: {e}"));
             }
             Err(e) => return Err(e),
         }
-    } else if options.state_hook == StateHook::BtfTracepoint {
-        return Err(LoadError::Attach {
-            hook: "tp_btf/inet_sock_set_state".into(),
-            source: ProgramError::UnexpectedProgramType,
-        });
     }
     attach_tracepoint(
         ebpf,
@@ -290,22 +307,39 @@ fn attach_state_hook(
     Ok(())
 }
 
-fn attach_btf_state_hook(ebpf: &mut Ebpf, kernel_btf: &KernelBtf) -> Result<(), LoadError> {
-    let btf = Btf::parse_file(kernel_btf.path(), aya::Endianness::default())
-        .map_err(LoadError::AyaBtf)?;
-    let program: &mut BtfTracePoint = program_mut(ebpf, PROG_SET_STATE_BTF)?;
-    let hook = || "tp_btf/inet_sock_set_state".to_string();
-    program
-        .load("inet_sock_set_state", &btf)
-        .map_err(|source| LoadError::Attach {
-            hook: hook(),
+/// BTF tracepoints, with the kernel BTF parsed for aya once, when first needed.
+struct BtfHooks<'a> {
+    kernel_btf: &'a KernelBtf,
+    parsed: OnceCell<Btf>,
+}
+
+impl BtfHooks<'_> {
+    fn attach(
+        &self,
+        ebpf: &mut Ebpf,
+        program: &'static str,
+        tracepoint: &str,
+    ) -> Result<(), LoadError> {
+        let attach_error = |source| LoadError::Attach {
+            hook: format!("tp_btf/{tracepoint}"),
             source,
-        })?;
-    program.attach().map_err(|source| LoadError::Attach {
-        hook: hook(),
-        source,
-    })?;
-    Ok(())
+        };
+        if !self.kernel_btf.has_btf_tracepoint(tracepoint) {
+            return Err(attach_error(ProgramError::UnexpectedProgramType));
+        }
+        let btf = match self.parsed.get() {
+            Some(btf) => btf,
+            None => {
+                let btf = Btf::parse_file(self.kernel_btf.path(), aya::Endianness::default())
+                    .map_err(LoadError::AyaBtf)?;
+                self.parsed.get_or_init(|| btf)
+            }
+        };
+        let program: &mut BtfTracePoint = program_mut(ebpf, program)?;
+        program.load(tracepoint, btf).map_err(attach_error)?;
+        program.attach().map_err(attach_error)?;
+        Ok(())
+    }
 }
 
 fn attach_tracepoint(

@@ -127,6 +127,15 @@ fn details(detail: &Detail) -> String {
             if let Some(idle) = reset.idle_ms {
                 let _ = write!(s, " idle={idle}ms");
             }
+            if let (Some(since), Some(by)) = (reset.since_close_ms, &reset.closed_by) {
+                let _ = write!(s, " {since:.1}ms after close by {}", serde_plain(by));
+            }
+        }
+        Detail::Reuse(reuse) => {
+            let _ = write!(s, "after idle={}ms bytes={}", reuse.idle_ms, reuse.bytes);
+            if reuse.peer_closed {
+                let _ = write!(s, " PEER HAD CLOSED");
+            }
         }
         Detail::Retransmit(retransmit) => {
             let _ = write!(
@@ -184,6 +193,7 @@ mod tests {
                 idle_ms: Some(300),
                 close_wait_ms: None,
                 error: None,
+                awaiting_reply: false,
                 srtt_us: 40,
                 retransmits: 0,
             }),

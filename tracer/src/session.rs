@@ -65,7 +65,7 @@ impl Session {
     /// Loads and attaches the programs. Must run inside a tokio runtime.
     pub fn start(options: &Options) -> Result<Self, SessionError> {
         let jiffies = Jiffies::detect()?;
-        let loader::Loaded { mut ebpf, report } = loader::load(options)?;
+        let loader::Loaded { mut ebpf, report } = loader::load(options, jiffies)?;
         let ring = ebpf
             .take_map(MAP_EVENTS)
             .ok_or(SessionError::MissingMap(MAP_EVENTS))?;

@@ -13,5 +13,6 @@ pub fn load_options(kernel: &KernelArgs, filter: Filter) -> Options {
         max_sockets: kernel.max_connections,
         filter,
         state_hook: kernel.state_hook,
+        min_idle: kernel.min_idle.into(),
     }
 }

@@ -11,7 +11,8 @@ use tracer::{
 use crate::cli::KernelArgs;
 
 /// Hooks the agent uses, as (category, tracepoint).
-const TRACEPOINTS: [(&str, &str); 7] = [
+const TRACEPOINTS: [(&str, &str); 8] = [
+    ("sock", "sock_send_length"),
     ("sock", "inet_sock_set_state"),
     ("tcp", "tcp_receive_reset"),
     ("tcp", "tcp_send_reset"),
@@ -29,7 +30,8 @@ pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
         "kernel      {release} (minimum {}.{})",
         MIN_KERNEL.0, MIN_KERNEL.1
     );
-    match Jiffies::detect() {
+    let jiffies = Jiffies::detect();
+    match &jiffies {
         Ok(jiffies) => println!("HZ          {}", jiffies.hz),
         Err(e) => println!("HZ          unknown: {e}"),
     }
@@ -54,14 +56,10 @@ pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
     }
 
     println!("hooks");
-    let has_btf_tp = btf
-        .as_ref()
-        .is_ok_and(|btf| btf.has_btf_tracepoint("inet_sock_set_state"));
-    println!(
-        "  {:<40} {}",
-        "tp_btf/inet_sock_set_state",
-        yes_no(has_btf_tp)
-    );
+    for name in ["inet_sock_set_state", "sock_send_length"] {
+        let present = btf.as_ref().is_ok_and(|btf| btf.has_btf_tracepoint(name));
+        println!("  {:<40} {}", format!("tp_btf/{name}"), yes_no(present));
+    }
     for (category, name) in TRACEPOINTS {
         let present = tracefs
             .as_ref()
@@ -78,7 +76,8 @@ pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
 
     // The real test: load and attach everything, as the agent would.
     let options = super::load_options(kernel, Filter::default());
-    let loaded = loader::load(&options).context("loading the programs as the agent would")?;
+    let loaded =
+        loader::load(&options, jiffies?).context("loading the programs as the agent would")?;
     println!("mode        {}", loaded.report);
     for hook in &loaded.report.attached {
         println!("  attached  {hook}");

@@ -1,0 +1,253 @@
+//! Findings: a diagnosis with its evidence and what to change, and the book that
+//! decides when one is worth reporting again.
+
+use std::{net::IpAddr, num::NonZeroUsize, time::SystemTime};
+
+use lru::LruCache;
+use serde::{Serialize, Serializer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// A request went out on a connection the peer had already closed, or the
+    /// peer reset/closed it right after a reuse that followed an idle period.
+    StaleReuse,
+    /// The peer keeps closing this process's idle pooled connections: the pool
+    /// relies on the peer to end them.
+    IdleTimeoutMismatch,
+    /// Connections the peer closed stay open on this side.
+    CloseWaitLeak,
+    /// The path dropped an idle flow: the first send after idle was never answered.
+    SilentDrop,
+    /// Server side: requests arrived on connections this server had closed.
+    LateRequestReset,
+}
+
+impl FindingKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StaleReuse => "stale_reuse",
+            Self::IdleTimeoutMismatch => "idle_timeout_mismatch",
+            Self::CloseWaitLeak => "close_wait_leak",
+            Self::SilentDrop => "silent_drop",
+            Self::LateRequestReset => "late_request_reset",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Requests will fail (a race is open) but none has been seen failing yet.
+    Warning,
+    /// Requests failed.
+    Error,
+}
+
+/// One diagnosis, as the `finding` event of the stream and the report carry it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub ts: SystemTime,
+    #[serde(rename = "type")]
+    pub event_type: &'static str,
+    pub kind: FindingKind,
+    pub severity: Severity,
+    pub pid: u32,
+    pub comm: String,
+    /// The remote endpoint (client-side findings), or the latest client
+    /// (server-side findings).
+    pub raddr: Option<IpAddr>,
+    pub rport: Option<u16>,
+    /// Server-side findings: the listening port they are about.
+    pub lport: Option<u16>,
+    /// How many times the condition was seen (connections, closes, resets).
+    pub count: u64,
+    pub evidence: serde_json::Value,
+    pub recommendation: String,
+}
+
+impl Finding {
+    /// What identifies "the same finding" across updates.
+    pub fn key(&self) -> FindingKey {
+        FindingKey {
+            kind: self.kind,
+            pid: self.pid,
+            remote: match self.lport {
+                Some(_) => None,
+                None => self.raddr.zip(self.rport),
+            },
+            lport: self.lport,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FindingKey {
+    pub kind: FindingKind,
+    pub pid: u32,
+    pub remote: Option<(IpAddr, u16)>,
+    pub lport: Option<u16>,
+}
+
+/// The numbers of a finding whose change makes it worth reporting again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Materiality {
+    pub severity: Severity,
+    pub count: u64,
+    /// Headline measurements (a timeout, an idle time).
+    pub figures: Vec<f64>,
+}
+
+impl Materiality {
+    /// A material change: a new severity, the count doubled, or a figure moved by
+    /// more than 10%.
+    fn changed_from(&self, before: &Materiality) -> bool {
+        self.severity != before.severity
+            || self.count >= before.count.saturating_mul(2).max(before.count + 1)
+            || self.figures.len() != before.figures.len()
+            || self
+                .figures
+                .iter()
+                .zip(&before.figures)
+                .any(|(now, then)| (now - then).abs() > 0.1 * then.abs().max(1.0))
+    }
+}
+
+/// Every finding currently known, and what was last reported of each.
+pub struct FindingBook {
+    current: LruCache<FindingKey, (Finding, Materiality)>,
+}
+
+impl FindingBook {
+    pub fn new(capacity: NonZeroUsize) -> Self {
+        Self {
+            current: LruCache::new(capacity),
+        }
+    }
+
+    /// Records `finding`. Returns it when it should be reported: it is new, or
+    /// its evidence changed materially since it was last reported.
+    pub fn update(&mut self, finding: Finding, materiality: Materiality) -> Option<Finding> {
+        let key = finding.key();
+        let report = match self.current.get(&key) {
+            None => true,
+            Some((_, reported)) => materiality.changed_from(reported),
+        };
+        if report {
+            self.current.put(key, (finding.clone(), materiality));
+            Some(finding)
+        } else {
+            // Keep the latest evidence for the report, but measure future changes
+            // against what was reported.
+            if let Some((kept, _)) = self.current.get_mut(&key) {
+                *kept = finding;
+            }
+            None
+        }
+    }
+
+    /// All current findings, most severe first.
+    pub fn all(&self) -> Vec<Finding> {
+        let mut findings: Vec<Finding> = self.current.iter().map(|(_, (f, _))| f.clone()).collect();
+        findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.key().cmp(&b.key())));
+        findings
+    }
+}
+
+fn rfc3339_micros<S: Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_rfc3339_micros(*ts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(count: u64) -> Finding {
+        Finding {
+            ts: SystemTime::UNIX_EPOCH,
+            event_type: "finding",
+            kind: FindingKind::IdleTimeoutMismatch,
+            severity: Severity::Warning,
+            pid: 1,
+            comm: "client".into(),
+            raddr: Some(IpAddr::from([10, 0, 0, 1])),
+            rport: Some(80),
+            lport: None,
+            count,
+            evidence: serde_json::json!({}),
+            recommendation: String::new(),
+        }
+    }
+
+    fn materiality(severity: Severity, count: u64, timeout: f64) -> Materiality {
+        Materiality {
+            severity,
+            count,
+            figures: vec![timeout],
+        }
+    }
+
+    #[test]
+    fn reported_when_new_and_when_evidence_changes_materially() {
+        let mut book = FindingBook::new(NonZeroUsize::new(16).unwrap());
+        let warn = Severity::Warning;
+        assert!(
+            book.update(finding(3), materiality(warn, 3, 1000.0))
+                .is_some()
+        );
+        // Same evidence, one more close: not again.
+        assert!(
+            book.update(finding(4), materiality(warn, 4, 1004.0))
+                .is_none()
+        );
+        assert!(
+            book.update(finding(5), materiality(warn, 5, 1000.0))
+                .is_none()
+        );
+        // Count doubled since the last report.
+        assert!(
+            book.update(finding(6), materiality(warn, 6, 1000.0))
+                .is_some()
+        );
+        // The timeout moved by more than 10%.
+        assert!(
+            book.update(finding(7), materiality(warn, 7, 1500.0))
+                .is_some()
+        );
+        // Severity rose.
+        assert!(
+            book.update(finding(7), materiality(Severity::Error, 7, 1500.0))
+                .is_some()
+        );
+        assert_eq!(book.all().len(), 1);
+        assert_eq!(book.all()[0].count, 7);
+    }
+
+    #[test]
+    fn the_book_keeps_the_latest_evidence() {
+        let mut book = FindingBook::new(NonZeroUsize::new(16).unwrap());
+        book.update(finding(3), materiality(Severity::Warning, 3, 1000.0));
+        book.update(finding(4), materiality(Severity::Warning, 4, 1000.0));
+        assert_eq!(book.all()[0].count, 4);
+    }
+
+    #[test]
+    fn json_shape() {
+        let json = serde_json::to_value(finding(3)).unwrap();
+        assert_eq!(json["type"], "finding");
+        assert_eq!(json["kind"], "idle_timeout_mismatch");
+        assert_eq!(json["severity"], "warning");
+        assert_eq!(json["raddr"], "10.0.0.1");
+        for key in [
+            "pid",
+            "comm",
+            "rport",
+            "count",
+            "evidence",
+            "recommendation",
+        ] {
+            assert!(json.get(key).is_some(), "{key}");
+        }
+    }
+}

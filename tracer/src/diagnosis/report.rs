@@ -1,0 +1,308 @@
+//! The `diagnose` report: per process, then per destination (and listening
+//! port), what the connections did and what to change. Text for people, JSON for
+//! tools.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, time::Duration};
+
+use serde::Serialize;
+
+use super::{
+    CloseCounts, ConnectionStats, Diagnoser,
+    estimate::Estimate,
+    finding::{Finding, Severity},
+    human_ms,
+    samples::Summary,
+};
+use crate::event::Role;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub duration_s: f64,
+    pub processes: Vec<ProcessReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    pub comm: String,
+    pub destinations: Vec<Traffic>,
+    pub listeners: Vec<Traffic>,
+    pub findings: Vec<Finding>,
+}
+
+/// Connections of one process to one destination, or on one listening port.
+#[derive(Clone, Debug, Serialize)]
+pub struct Traffic {
+    /// Destination address (client side); absent for listening ports.
+    pub raddr: Option<IpAddr>,
+    pub rport: Option<u16>,
+    /// Listening port (server side).
+    pub lport: Option<u16>,
+    pub role: Option<Role>,
+    pub connections_opened: u64,
+    pub closed: CloseCounts,
+    pub peer_close_idle: Option<Summary>,
+    pub local_close_idle: Option<Summary>,
+    pub reuse_idle: Option<Summary>,
+    pub close_wait: Option<Summary>,
+    pub graceful_peer_closes: u64,
+    pub mid_request_peer_closes: u64,
+    /// The peer's idle timeout, inferred from its closes.
+    pub peer_idle_timeout: Option<Estimate>,
+    /// This side's idle timeout, inferred from its own closes.
+    pub local_idle_timeout: Option<Estimate>,
+}
+
+impl Traffic {
+    fn new(stats: &ConnectionStats, jiffy: Duration) -> Self {
+        Self {
+            raddr: None,
+            rport: None,
+            lport: None,
+            role: stats.role,
+            connections_opened: stats.opened,
+            closed: stats.closes.clone(),
+            peer_close_idle: stats.peer_close_idle.summary(),
+            local_close_idle: stats.local_close_idle.summary(),
+            reuse_idle: stats.reuse_idle.summary(),
+            close_wait: stats.close_wait.summary(),
+            graceful_peer_closes: stats.graceful_peer_closes,
+            mid_request_peer_closes: stats.mid_request_peer_closes,
+            peer_idle_timeout: stats.peer_idle_timeout(jiffy),
+            local_idle_timeout: stats.local_idle_timeout(jiffy),
+        }
+    }
+}
+
+impl Diagnoser {
+    pub fn report(&self, duration: Duration) -> Report {
+        let jiffy = self.config.jiffy;
+        let mut processes: BTreeMap<u32, ProcessReport> = BTreeMap::new();
+        for (key, stats) in self.destinations() {
+            let mut traffic = Traffic::new(stats, jiffy);
+            traffic.raddr = Some(key.raddr);
+            traffic.rport = Some(key.rport);
+            process(&mut processes, key.pid, &stats.comm)
+                .destinations
+                .push(traffic);
+        }
+        for (key, stats) in self.listeners() {
+            let mut traffic = Traffic::new(stats, jiffy);
+            traffic.lport = Some(key.lport);
+            process(&mut processes, key.pid, &stats.comm)
+                .listeners
+                .push(traffic);
+        }
+        for finding in self.findings() {
+            process(&mut processes, finding.pid, &finding.comm)
+                .findings
+                .push(finding);
+        }
+        let mut processes: Vec<ProcessReport> = processes.into_values().collect();
+        for process in &mut processes {
+            process
+                .destinations
+                .sort_by_key(|t| std::cmp::Reverse(t.connections_opened + total(&t.closed)));
+            process.listeners.sort_by_key(|t| t.lport);
+        }
+        // Processes with findings first, then the busiest.
+        processes.sort_by_key(|p| {
+            let worst = p.findings.iter().map(|f| f.severity).max();
+            let busy: u64 = p
+                .destinations
+                .iter()
+                .chain(&p.listeners)
+                .map(|t| total(&t.closed))
+                .sum();
+            (std::cmp::Reverse(worst), std::cmp::Reverse(busy), p.pid)
+        });
+        Report {
+            duration_s: duration.as_secs_f64(),
+            processes,
+        }
+    }
+}
+
+/// The report entry of process `pid`, created on first use.
+fn process<'a>(
+    processes: &'a mut BTreeMap<u32, ProcessReport>,
+    pid: u32,
+    comm: &str,
+) -> &'a mut ProcessReport {
+    let entry = processes.entry(pid).or_insert_with(|| ProcessReport {
+        pid,
+        comm: String::new(),
+        destinations: Vec::new(),
+        listeners: Vec::new(),
+        findings: Vec::new(),
+    });
+    if entry.comm.is_empty() {
+        entry.comm = comm.to_string();
+    }
+    entry
+}
+
+fn total(closes: &CloseCounts) -> u64 {
+    closes.local
+        + closes.peer
+        + closes.reset_local
+        + closes.reset_peer
+        + closes.timeout
+        + closes.unknown
+}
+
+impl Report {
+    /// The report as people read it.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let findings: usize = self.processes.iter().map(|p| p.findings.len()).sum();
+        let _ = writeln!(
+            out,
+            "Connection report: {:.0} s, {} processes, {} finding{}",
+            self.duration_s,
+            self.processes.len(),
+            findings,
+            if findings == 1 { "" } else { "s" }
+        );
+        for process in &self.processes {
+            let _ = writeln!(out, "\n{} (pid {})", process.comm, process.pid);
+            for finding in &process.findings {
+                let severity = match finding.severity {
+                    Severity::Error => "ERROR",
+                    Severity::Warning => "WARNING",
+                };
+                let place = match (finding.lport, finding.raddr, finding.rport) {
+                    (Some(lport), _, _) => format!("port {lport}"),
+                    (None, Some(addr), Some(port)) => super::endpoint(addr, port),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {severity} {} {place} (×{})\n    {}",
+                    finding.kind.name(),
+                    finding.count,
+                    wrap(&finding.recommendation, 4, 88)
+                );
+            }
+            for traffic in &process.destinations {
+                let target = match (traffic.raddr, traffic.rport) {
+                    (Some(addr), Some(port)) => super::endpoint(addr, port),
+                    _ => "?".into(),
+                };
+                let role = match traffic.role {
+                    Some(Role::Client) => "client",
+                    Some(Role::Server) => "server",
+                    _ => "pre-existing",
+                };
+                let _ = writeln!(out, "  → {target} ({role})");
+                write_traffic(&mut out, traffic);
+            }
+            for traffic in &process.listeners {
+                let _ = writeln!(
+                    out,
+                    "  ← clients on port {} (server)",
+                    traffic.lport.unwrap_or(0)
+                );
+                write_traffic(&mut out, traffic);
+            }
+        }
+        out
+    }
+}
+
+fn write_traffic(out: &mut String, traffic: &Traffic) {
+    let closed = &traffic.closed;
+    let _ = writeln!(
+        out,
+        "      {} opened, {} closed: by peer {}, by this side {}, reset by peer {}, reset by \
+         this side {}, timed out {}",
+        traffic.connections_opened,
+        total(closed),
+        closed.peer,
+        closed.local,
+        closed.reset_peer,
+        closed.reset_local,
+        closed.timeout
+    );
+    let line = |out: &mut String, label: &str, summary: &Option<Summary>| {
+        if let Some(s) = summary {
+            let _ = writeln!(
+                out,
+                "      {label:<28} p50 {}  p90 {}  max {}  (n={})",
+                human_ms(s.p50_ms),
+                human_ms(s.p90_ms),
+                human_ms(s.max_ms),
+                s.count
+            );
+        }
+    };
+    line(out, "idle when the peer closed", &traffic.peer_close_idle);
+    line(out, "idle when this side closed", &traffic.local_close_idle);
+    line(out, "idle before reuse", &traffic.reuse_idle);
+    line(out, "in CLOSE_WAIT", &traffic.close_wait);
+    if traffic.graceful_peer_closes > 0 {
+        let _ = writeln!(
+            out,
+            "      {} graceful peer closes right after a response (Connection: close, request limits)",
+            traffic.graceful_peer_closes
+        );
+    }
+    if traffic.mid_request_peer_closes > 0 {
+        let _ = writeln!(
+            out,
+            "      {} peer closes while a request was outstanding",
+            traffic.mid_request_peer_closes
+        );
+    }
+    if let Some(e) = traffic.peer_idle_timeout {
+        let _ = writeln!(
+            out,
+            "      peer idle timeout: {} (from {} of {} idle closes)",
+            human_ms(e.timeout_ms),
+            e.samples,
+            e.considered
+        );
+    }
+    if let Some(e) = traffic.local_idle_timeout {
+        let _ = writeln!(
+            out,
+            "      this side's idle timeout: {} (from {} of {} closes)",
+            human_ms(e.timeout_ms),
+            e.samples,
+            e.considered
+        );
+    }
+}
+
+/// Wraps `text` at `width` columns, indenting continuation lines by `indent`.
+fn wrap(text: &str, indent: usize, width: usize) -> String {
+    let mut out = String::new();
+    let mut column = indent;
+    for word in text.split_whitespace() {
+        if column + word.len() + 1 > width && column > indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            column = indent;
+        } else if column > indent {
+            out.push(' ');
+            column += 1;
+        }
+        out.push_str(word);
+        column += word.len();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wraps_long_recommendations() {
+        let text = "one two three four five six seven eight nine ten";
+        assert_eq!(
+            wrap(text, 2, 16),
+            "one two three\n  four five six\n  seven eight\n  nine ten"
+        );
+    }
+}
