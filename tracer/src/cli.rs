@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use tracer::{loader::StateHook, output::Format};
@@ -20,19 +20,78 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// What to do; without one, `trace` with its defaults.
+    /// What to do; without one, `agent` with its defaults.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Stream connection events to stdout, one per line, until Ctrl-C.
+    /// Run as an agent (the default): diagnose continuously and log findings as
+    /// they happen; with --events, stream every event too.
+    Agent(AgentArgs),
+    /// Stream connection events and findings to stdout, one per line, until
+    /// Ctrl-C.
     ///
-    /// Event types: open, close, reset, retransmit, connect_error (docs/events.md).
+    /// Event types: open, close, reset, retransmit, connect_error, reuse, and
+    /// finding (docs/events.md, docs/diagnosis.md).
     Trace(TraceArgs),
+    /// Watch for a while, then report per process and destination: who closed
+    /// connections and at what idle time, the inferred idle timeouts, and the
+    /// findings with what to change. Ctrl-C ends it early and still reports.
+    Diagnose(DiagnoseArgs),
     /// Show which kernel hooks this kernel offers and which ones the agent uses.
     Probe,
+}
+
+/// Which connections to watch. Filtering happens in the kernel.
+#[derive(Debug, Args, Default)]
+pub struct FilterArgs {
+    /// Only connections owned by this process id.
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Only connections owned by processes with this command name (names longer
+    /// than 15 bytes are truncated like the kernel's).
+    #[arg(long)]
+    pub comm: Option<String>,
+
+    /// Only connections with this port at either end.
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiagnosisArgs {
+    /// A connection whose peer closed it and whose process has not closed it for
+    /// this long is a CLOSE_WAIT leak.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub close_wait_threshold: humantime::Duration,
+}
+
+impl Default for DiagnosisArgs {
+    fn default() -> Self {
+        Self {
+            close_wait_threshold: Duration::from_secs(10).into(),
+        }
+    }
+}
+
+#[derive(Debug, Args, Default)]
+pub struct AgentArgs {
+    /// Output format of findings (and events).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Stream every event to stdout too, not only findings.
+    #[arg(long)]
+    pub events: bool,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub diagnosis: DiagnosisArgs,
 }
 
 /// How the programs are loaded.
@@ -69,29 +128,28 @@ pub struct TraceArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Only connections owned by this process id (filtered in the kernel).
-    #[arg(long)]
-    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 
-    /// Only connections owned by processes with this command name (filtered in
-    /// the kernel; names longer than 15 bytes are truncated like the kernel's).
-    #[arg(long)]
-    pub comm: Option<String>,
-
-    /// Only connections with this port at either end (filtered in the kernel).
-    #[arg(long)]
-    pub port: Option<u16>,
+    #[command(flatten)]
+    pub diagnosis: DiagnosisArgs,
 }
 
-impl Default for TraceArgs {
-    fn default() -> Self {
-        Self {
-            format: Format::Text,
-            pid: None,
-            comm: None,
-            port: None,
-        }
-    }
+#[derive(Debug, Args)]
+pub struct DiagnoseArgs {
+    /// How long to watch (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub duration: humantime::Duration,
+
+    /// Report format: text for people, json for tools.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub diagnosis: DiagnosisArgs,
 }
 
 /// Parses `8M`, `64K`, `1G` or a byte count, and checks the ring buffer's rules.

@@ -182,7 +182,7 @@ fn read_kind<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
 /// Addresses as the socket sees them; IPv4-mapped IPv6 addresses (a dual-stack
 /// socket talking IPv4) are shown as the IPv4 address they carry, so both ends of
 /// a connection read the same.
-fn addresses(conn: &raw::Endpoints) -> Result<(IpAddr, IpAddr), DecodeError> {
+pub fn addresses(conn: &raw::Endpoints) -> Result<(IpAddr, IpAddr), DecodeError> {
     let addr = |bytes: &[u8; 16]| -> Result<IpAddr, DecodeError> {
         match conn.family {
             AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
@@ -198,7 +198,7 @@ fn addresses(conn: &raw::Endpoints) -> Result<(IpAddr, IpAddr), DecodeError> {
     Ok((addr(&conn.laddr)?, addr(&conn.raddr)?))
 }
 
-fn comm(raw: &[u8; COMM_LEN]) -> String {
+pub fn comm(raw: &[u8; COMM_LEN]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }

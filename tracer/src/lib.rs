@@ -13,5 +13,6 @@ pub mod event;
 pub mod loader;
 pub mod output;
 pub mod owners;
+pub mod pipeline;
 pub mod session;
 pub mod tracefs;

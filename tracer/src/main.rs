@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, TraceArgs};
+use crate::{
+    cli::{AgentArgs, Cli, Command},
+    commands::stream::{self, Show},
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -32,10 +35,30 @@ fn main() -> ExitCode {
     };
     let command = cli
         .command
-        .unwrap_or_else(|| Command::Trace(TraceArgs::default()));
+        .unwrap_or_else(|| Command::Agent(AgentArgs::default()));
     let result = runtime.block_on(async {
         match &command {
-            Command::Trace(args) => commands::trace::run(&cli.kernel, args).await,
+            Command::Agent(args) => {
+                let show = Show {
+                    format: args.format,
+                    events: args.events,
+                    findings: true,
+                };
+                stream::run(&cli.kernel, &args.filter, &args.diagnosis, show, None)
+                    .await
+                    .map(drop)
+            }
+            Command::Trace(args) => {
+                let show = Show {
+                    format: args.format,
+                    events: true,
+                    findings: true,
+                };
+                stream::run(&cli.kernel, &args.filter, &args.diagnosis, show, None)
+                    .await
+                    .map(drop)
+            }
+            Command::Diagnose(args) => commands::diagnose::run(&cli.kernel, args).await,
             Command::Probe => commands::probe::run(&cli.kernel),
         }
     });

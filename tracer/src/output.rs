@@ -3,14 +3,20 @@
 use std::{
     fmt::Write as _,
     io::{self, Write},
-    net::IpAddr,
 };
 
-use crate::event::{Detail, Event, Role};
+use crate::{
+    diagnosis::{
+        endpoint,
+        finding::{Finding, Severity},
+    },
+    event::{Detail, Event, Role},
+};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Aligned columns for people.
+    #[default]
     Text,
     /// One JSON object per line (docs/events.md).
     Json,
@@ -51,15 +57,41 @@ impl<W: Write> EventWriter<W> {
         }
     }
 
+    /// A finding: one JSON line, or for people a marked line with the
+    /// recommendation below it.
+    pub fn write_finding(&mut self, finding: &Finding) -> io::Result<()> {
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.out, finding)?;
+                self.out.write_all(b"\n")
+            }
+            Format::Text => {
+                let time = humantime::format_rfc3339_micros(finding.ts).to_string();
+                let time = time.get(11..26).unwrap_or(&time);
+                let severity = match finding.severity {
+                    Severity::Error => "ERROR",
+                    Severity::Warning => "WARNING",
+                };
+                let place = match (finding.lport, finding.raddr, finding.rport) {
+                    (Some(lport), _, _) => format!("port {lport}"),
+                    (None, Some(addr), Some(port)) => endpoint(addr, port),
+                    _ => String::new(),
+                };
+                writeln!(
+                    self.out,
+                    "{time} FINDING {severity} {} {} (pid {}) {place} ×{}\n    {}",
+                    finding.kind.name(),
+                    finding.comm,
+                    finding.pid,
+                    finding.count,
+                    finding.recommendation
+                )
+            }
+        }
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
-    }
-}
-
-fn endpoint(addr: IpAddr, port: u16) -> String {
-    match addr {
-        IpAddr::V4(v4) => format!("{v4}:{port}"),
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
     }
 }
 

@@ -3,16 +3,19 @@
 
 use std::io;
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracer_common::{
-    names::{MAP_COUNTERS, MAP_EVENTS},
-    state::Counter,
+    names::{MAP_CLOSE_WAITS, MAP_COUNTERS, MAP_EVENTS},
+    state::{CloseWait, Counter},
 };
 
 use crate::{
     clock::{ClockError, Jiffies, WallClock},
-    decode::Decoder,
+    decode::{self, Decoder},
+    diagnosis::CloseWaitEntry,
     event::{Event, Role},
     loader::{self, AttachReport, LoadError, Options},
     owners::SocketOwners,
@@ -54,6 +57,7 @@ pub struct Session {
     ebpf: Option<aya::Ebpf>,
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
+    close_waits: HashMap<MapData, u64, CloseWait>,
     decoder: Decoder,
     owners: SocketOwners,
     report: AttachReport,
@@ -80,6 +84,13 @@ impl Session {
             name: MAP_COUNTERS,
             source,
         })?;
+        let close_waits = ebpf
+            .take_map(MAP_CLOSE_WAITS)
+            .ok_or(SessionError::MissingMap(MAP_CLOSE_WAITS))?;
+        let close_waits = HashMap::try_from(close_waits).map_err(|source| SessionError::Map {
+            name: MAP_CLOSE_WAITS,
+            source,
+        })?;
         let mut owners = SocketOwners::default();
         owners.refresh();
         // SAFETY: the ring buffer owns its map fd and keeps it open for as long as
@@ -90,6 +101,7 @@ impl Session {
             ebpf: Some(ebpf),
             ring,
             counters,
+            close_waits,
             decoder: Decoder {
                 clock: WallClock::new(),
                 jiffies,
@@ -144,6 +156,41 @@ impl Session {
     /// drained.
     pub fn detach(&mut self) {
         self.ebpf = None;
+    }
+
+    /// Connections now in CLOSE_WAIT: their peer closed, their process has not.
+    /// The kernel table holds only those, so this is cheap however many
+    /// connections are open.
+    pub fn close_waits(&mut self) -> Vec<CloseWaitEntry> {
+        let now = WallClock::monotonic_now_ns();
+        let mut entries = Vec::new();
+        for item in self.close_waits.iter() {
+            let Ok((_, waiting)) = item else {
+                // The entry went away between listing and reading: its process
+                // closed it, which is the good outcome.
+                continue;
+            };
+            let Ok((laddr, raddr)) = decode::addresses(&waiting.conn) else {
+                continue;
+            };
+            let mut entry = CloseWaitEntry {
+                pid: waiting.owner.pid,
+                comm: decode::comm(&waiting.owner.comm),
+                raddr,
+                rport: waiting.conn.rport,
+                lport: waiting.conn.lport,
+                waiting: Duration::from_nanos(now.saturating_sub(waiting.since_ns)),
+            };
+            if entry.pid == 0 {
+                let key = (laddr, entry.lport, raddr, entry.rport);
+                if let Some(owner) = self.owners.lookup(&key) {
+                    entry.pid = owner.pid;
+                    entry.comm = owner.comm;
+                }
+            }
+            entries.push(entry);
+        }
+        entries
     }
 
     pub fn stats(&self) -> Stats {

@@ -4,11 +4,11 @@ use anyhow::Context as _;
 use tracer::{
     btf_offsets::{KernelBtf, VMLINUX_BTF},
     clock::Jiffies,
-    loader::{self, Filter, MIN_KERNEL},
+    loader::{self, MIN_KERNEL},
     tracefs::Tracefs,
 };
 
-use crate::cli::KernelArgs;
+use crate::cli::{FilterArgs, KernelArgs};
 
 /// Hooks the agent uses, as (category, tracepoint).
 const TRACEPOINTS: [(&str, &str); 8] = [
@@ -75,7 +75,7 @@ pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
     println!("  {:<40} not used", "fentry/fexit");
 
     // The real test: load and attach everything, as the agent would.
-    let options = super::load_options(kernel, Filter::default());
+    let options = super::load_options(kernel, &FilterArgs::default());
     let loaded =
         loader::load(&options, jiffies?).context("loading the programs as the agent would")?;
     println!("mode        {}", loaded.report);
