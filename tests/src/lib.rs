@@ -4,6 +4,10 @@
 //!
 //! The tests need root. They never skip: without root they fail and say so.
 
+pub mod http;
+pub mod nginx;
+pub mod router;
+
 use std::{
     net::IpAddr,
     process::{Child, Command, Stdio},
@@ -12,9 +16,11 @@ use std::{
 };
 
 use tracer::{
+    diagnosis::{self, Diagnoser, finding::Finding},
     event::{Close, Detail, Event},
     loader::{AttachReport, Filter, Options},
-    session::{Session, Stats},
+    pipeline::{Batch, Pipeline},
+    session::Stats,
 };
 
 /// Tolerance for durations measured from jiffies (4 ms here) plus scheduling.
@@ -27,11 +33,12 @@ pub fn require_root() {
     );
 }
 
-/// A tracing session and the events it has produced so far.
+/// A tracing pipeline and the events and findings it has produced so far.
 pub struct Trace {
     runtime: tokio::runtime::Runtime,
-    session: Session,
+    pipeline: Pipeline,
     pub events: Vec<Event>,
+    pub findings: Vec<Finding>,
 }
 
 impl Trace {
@@ -43,37 +50,52 @@ impl Trace {
     }
 
     pub fn start_with(options: Options) -> Self {
+        Self::start_diagnosing(options, diagnosis::Config::default())
+    }
+
+    pub fn start_diagnosing(options: Options, diagnosis: diagnosis::Config) -> Self {
         require_root();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let session = {
+        let pipeline = {
             let _context = runtime.enter();
-            Session::start(&options).unwrap_or_else(|e| panic!("starting the tracer: {e:?}"))
+            Pipeline::start(&options, diagnosis)
+                .unwrap_or_else(|e| panic!("starting the tracer: {e:?}"))
         };
         Self {
             runtime,
-            session,
+            pipeline,
             events: Vec::new(),
+            findings: Vec::new(),
         }
     }
 
-    /// Collects events until `done` holds for all of them, or panics after `timeout`.
-    pub fn wait_for(&mut self, timeout: Duration, done: impl Fn(&[Event]) -> bool) -> &[Event] {
+    /// Collects until `done` holds, or panics after `timeout`.
+    pub fn wait_until(&mut self, timeout: Duration, done: impl Fn(&Trace) -> bool) {
         let deadline = Instant::now() + timeout;
-        while !done(&self.events) {
+        while !done(self) {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "timed out after {timeout:?}; events so far:\n{}",
+                "timed out after {timeout:?}; events and findings so far:\n{}",
                 self.dump()
             );
             let step = left.min(Duration::from_millis(100));
+            let mut batch = Batch::default();
             let _ = self.runtime.block_on(async {
-                tokio::time::timeout(step, self.session.next_batch(&mut self.events)).await
+                tokio::time::timeout(step, self.pipeline.next(&mut batch)).await
             });
+            self.events.append(&mut batch.events);
+            self.findings.append(&mut batch.findings);
         }
+    }
+
+    /// Collects events until `done` holds for all of them, or panics after
+    /// `timeout`.
+    pub fn wait_for(&mut self, timeout: Duration, done: impl Fn(&[Event]) -> bool) -> &[Event] {
+        self.wait_until(timeout, |trace| done(&trace.events));
         &self.events
     }
 
@@ -85,20 +107,36 @@ impl Trace {
         })
     }
 
+    /// Findings of `kind` about process `pid`, as reported so far.
+    pub fn findings_of(&self, kind: &str, pid: u32) -> Vec<&Finding> {
+        self.findings
+            .iter()
+            .filter(|f| f.kind.name() == kind && f.pid == pid)
+            .collect()
+    }
+
+    pub fn diagnoser(&self) -> &Diagnoser {
+        self.pipeline.diagnoser()
+    }
+
     pub fn stats(&self) -> Stats {
-        self.session.stats()
+        self.pipeline.stats()
     }
 
     pub fn report(&self) -> &AttachReport {
-        self.session.report()
+        self.pipeline.session().report()
     }
 
     pub fn dump(&self) -> String {
-        self.events
+        let events = self
+            .events
             .iter()
-            .map(|e| serde_json::to_string(e).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
+            .map(|e| serde_json::to_string(e).unwrap_or_default());
+        let findings = self
+            .findings
+            .iter()
+            .map(|f| serde_json::to_string(f).unwrap_or_default());
+        events.chain(findings).collect::<Vec<_>>().join("\n")
     }
 }
 

@@ -477,7 +477,16 @@ fn burst_of_ten_thousand_connections() {
             }
         }
     }
-    assert_eq!(events.len(), 4 * CONNECTIONS, "no other events");
+    let others: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.kind != "open" && e.kind != "close")
+        .take(5)
+        .collect();
+    assert_eq!(
+        events.len(),
+        4 * CONNECTIONS,
+        "no other events: {others:#?}"
+    );
     let stats = trace.stats();
     assert_eq!(stats.lost, 0, "events lost in the kernel");
     assert_eq!(stats.undecodable, 0);

@@ -57,11 +57,14 @@ pub struct KernelOffsets {
     pub tcp_bytes_received: u32,
     pub tcp_srtt_us: u32,
     pub tcp_total_retrans: u32,
+    pub tcp_write_seq: u32,
     pub icsk_ack_lrcvtime: u32,
     // struct net
     pub net_ns_inum: u32,
     // from the current task to the socket behind a file descriptor
     pub task_files: u32,
+    pub task_group_leader: u32,
+    pub task_comm: u32,
     pub files_fdt: u32,
     pub fdtable_max_fds: u32,
     pub fdtable_fd: u32,
@@ -89,7 +92,7 @@ pub struct TracepointOffsets {
 
 const _: () = {
     assert!(size_of::<Config>() == 32);
-    assert!(size_of::<KernelOffsets>() == 29 * 4);
+    assert!(size_of::<KernelOffsets>() == 32 * 4);
     assert!(size_of::<TracepointOffsets>() == 40);
 };
 

@@ -93,6 +93,12 @@ pub const SEND_SEEN: u32 = 1 << 0;
 pub const SEND_PEER_FIN: u32 = 1 << 1;
 /// `SendState::flags`: a send after the peer's FIN was reported.
 pub const SEND_STALE_REPORTED: u32 = 1 << 2;
+/// `SendState::flags`: this socket's first payload went out after payload came
+/// in: it answers its peer (a server), its sends are replies, not reuses.
+pub const SEND_RESPONDER: u32 = 1 << 3;
+/// `SendState::flags`: the send being handled carries the connection's first
+/// payload (transient, within one run of the hook).
+pub const SEND_FIRST_PAYLOAD: u32 = 1 << 4;
 
 /// Socket-local storage of the send hook: what the next send needs to know.
 #[repr(C)]
@@ -100,6 +106,12 @@ pub const SEND_STALE_REPORTED: u32 = 1 << 2;
 pub struct SendState {
     pub last_send_jiffies: u32,
     pub flags: u32,
+    /// `write_seq` when the peer's FIN arrived: sends whose data was handed over
+    /// after that went to a connection the peer had closed; a FIN processed
+    /// during a send (on loopback the whole exchange can happen inside it) came
+    /// after that send's data.
+    pub fin_write_seq: u32,
+    pub _pad: u32,
 }
 
 /// A `connect()` call in flight, keyed by thread.
@@ -135,7 +147,7 @@ const _: () = {
     assert!(size_of::<ConnectCall>() == 64);
     assert!(size_of::<ClosedConn>() == 40);
     assert!(size_of::<CloseWait>() == 72);
-    assert!(size_of::<SendState>() == 8);
+    assert!(size_of::<SendState>() == 16);
 };
 
 #[cfg(feature = "user")]

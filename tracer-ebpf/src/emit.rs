@@ -19,8 +19,18 @@ pub fn current_owner(role: u32) -> Owner {
     Owner {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         role,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: process_comm(),
     }
+}
+
+/// The process's name, not the calling thread's: threads of one process often
+/// carry names of their own (worker pools, runtimes), and findings are per
+/// process.
+#[inline(always)]
+fn process_comm() -> [u8; 16] {
+    crate::kernel::group_leader_comm()
+        .or_else(|_| bpf_get_current_comm().map_err(i64::from))
+        .unwrap_or([0; 16])
 }
 
 #[inline(always)]

@@ -110,13 +110,20 @@ impl Sock {
         } else {
             received
         };
-        Ok(jiffies32().wrapping_sub(last))
+        Ok(since(last))
     }
 
     /// Jiffies since payload last came in from the peer.
     #[inline(always)]
     pub fn receive_idle_jiffies(self) -> Result<u32, i64> {
-        Ok(jiffies32().wrapping_sub(self.last_receive_jiffies()?))
+        Ok(since(self.last_receive_jiffies()?))
+    }
+
+    /// `tcp_sock.write_seq`: the sequence number after the last byte the process
+    /// handed to the socket.
+    #[inline(always)]
+    pub fn write_seq(self) -> Result<u32, i64> {
+        read(self.0 + offset!(tcp_write_seq))
     }
 
     /// When payload last came in (the handshake's time before any did).
@@ -171,11 +178,28 @@ fn read_buf(addr: u64, dst: &mut [u8]) -> Result<(), i64> {
     unsafe { bpf_probe_read_kernel_buf(addr as *const u8, dst) }.map_err(|e| e as i64)
 }
 
+/// Jiffies from the 32-bit stamp `then` to now. A stamp taken on another CPU
+/// just after this one read the clock can be a jiffy ahead: that is no time.
+#[inline(always)]
+pub fn since(then: u32) -> u32 {
+    let elapsed = jiffies32().wrapping_sub(then);
+    if (elapsed as i32) < 0 { 0 } else { elapsed }
+}
+
 /// The kernel's `tcp_jiffies32`: the low 32 bits of jiffies.
 #[inline(always)]
 pub fn jiffies32() -> u32 {
     // SAFETY: no arguments, no side effects.
     (unsafe { bpf_jiffies64() }) as u32
+}
+
+/// The command name of the current task's thread-group leader.
+#[inline(always)]
+pub fn group_leader_comm() -> Result<[u8; 16], i64> {
+    // SAFETY: no arguments; the result is only ever probe-read.
+    let task = unsafe { bpf_get_current_task() };
+    let leader: u64 = read(task + offset!(task_group_leader))?;
+    read(leader + offset!(task_comm))
 }
 
 /// The socket behind file descriptor `fd` of the current task, if it is one:

@@ -201,7 +201,10 @@ fn serde_plain<T: serde::Serialize>(value: &T) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::{
+        net::IpAddr,
+        time::{Duration, SystemTime},
+    };
 
     use super::*;
     use crate::event::{Close, ClosedBy, ConnectError};

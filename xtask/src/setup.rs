@@ -13,7 +13,16 @@ use anyhow::{Context as _, bail};
 use crate::exec::{self, cargo_bin_dir};
 
 /// Debian packages the integration tests drive, with what each is for.
-pub const TEST_PACKAGES: &[(&str, &str)] = &[("iproute2", "network namespaces and veth pairs")];
+pub const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "network namespaces and veth pairs"),
+    (
+        "nginx",
+        "the keep-alive server and reverse proxy under test",
+    ),
+    ("iptables", "routers that drop or reset idle flows"),
+    ("conntrack", "routers that forget idle flows"),
+    ("python3", "small servers inside test namespaces"),
+];
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;

@@ -6,6 +6,8 @@
 //! peer NAME connect ADDR:PORT  SEND RECV IDLE_MS
 //!                                        send SEND bytes, read RECV bytes, stay idle
 //!                                        IDLE_MS, close
+//! peer NAME hold ADDR:PORT SECONDS   connect, read until the server closes, then keep
+//!                                        the socket open SECONDS without closing it
 //! SERVE: EXPECT REPLY — read EXPECT bytes, write REPLY bytes, wait for the peer to
 //! close, close.
 //!
@@ -50,6 +52,17 @@ fn main() -> anyhow::Result<()> {
             stream.write_all(&vec![b'q'; number(1)? as usize])?;
             stream.read_exact(&mut vec![0; number(2)? as usize])?;
             thread::sleep(Duration::from_millis(number(3)?));
+            drop(stream);
+            Ok(())
+        }
+        "hold" => {
+            let mut stream = TcpStream::connect(rest.first().context("missing ADDR:PORT")?)?;
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received)?;
+            println!("eof");
+            std::io::stdout().flush()?;
+            // The bug being imitated: the peer closed, this process never does.
+            thread::sleep(Duration::from_secs(number(1)?));
             drop(stream);
             Ok(())
         }
