@@ -2,45 +2,19 @@
 //! breaking it fails a client's send the way the tracer tests rely on.
 
 use std::{
-    io::{self, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::{Read as _, Write as _},
+    net::TcpStream,
     process::Command,
     time::{Duration, Instant},
 };
 
-use integration_tests::router::{RoutedPath, in_netns};
-use nix::{
-    errno::Errno,
-    sys::socket::{setsockopt, sockopt::TcpUserTimeout},
-};
+use integration_tests::router::{RoutedPath, echo, in_netns};
+use nix::errno::Errno;
 
-/// TCP_USER_TIMEOUT on the client: how long an unacknowledged send may wait
-/// before the kernel gives up with ETIMEDOUT.
 const USER_TIMEOUT_MS: u32 = 2000;
 
-/// Connects from the client namespace to `port` on the server.
 fn connect(path: &RoutedPath, port: u16) -> TcpStream {
-    let server = SocketAddr::new(path.server_addr, port);
-    let stream = in_netns(&path.client_ns, || {
-        TcpStream::connect_timeout(&server, Duration::from_secs(5))
-    })
-    .unwrap_or_else(|e| panic!("connecting from {} to {server}: {e}", path.client_ns));
-    // A broken path must fail the read with an error of its own well before
-    // this; the timeout only keeps a fixture bug from hanging the test.
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("SO_RCVTIMEO");
-    setsockopt(&stream, TcpUserTimeout, &USER_TIMEOUT_MS).expect("TCP_USER_TIMEOUT");
-    stream
-}
-
-/// Sends `message` and reads the echo back.
-fn echo(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
-    stream.write_all(message)?;
-    let mut back = vec![0; message.len()];
-    stream.read_exact(&mut back)?;
-    assert_eq!(back, message, "the echo differs from what was sent");
-    Ok(())
+    path.connect(port, Duration::from_millis(USER_TIMEOUT_MS.into()))
 }
 
 /// Sends on a connection whose path is broken; returns the errno it failed
