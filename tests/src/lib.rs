@@ -119,6 +119,11 @@ impl Trace {
         self.pipeline.diagnoser()
     }
 
+    /// The `diagnose` report of everything seen so far, as text.
+    pub fn report_text(&self) -> String {
+        self.diagnoser().report(self.pipeline.elapsed()).to_text()
+    }
+
     pub fn stats(&self) -> Stats {
         self.pipeline.stats()
     }

@@ -495,6 +495,9 @@ impl Diagnoser {
             },
             human_ms(safe_below(timeout)),
         );
+        if let Some(knob) = pool_idle_knob(&stats.comm) {
+            recommendation.push_str(&format!(" ({knob})"));
+        }
         match (pool_timeout, max_reuse.filter(|&reuse| reuse > timeout)) {
             (Some(pool), _) => recommendation.push_str(&format!(
                 " (it closes them only after {}), or raise the peer's keep-alive timeout \
@@ -562,12 +565,15 @@ impl Diagnoser {
         } else {
             stats.comm.clone()
         };
+        let knob = server_idle_knob(&comm)
+            .map(|knob| format!(" ({knob})"))
+            .unwrap_or_default();
         let recommendation = match server_timeout {
             Some(timeout) => format!(
                 "Clients sent requests on connections {comm} had closed after {} idle; {comm} \
                  answered them with a reset ({count} so far). Clients behind port {} must \
                  close idle pooled connections before {}, or raise {comm}'s keep-alive \
-                 timeout above the clients' pool idle timeout.",
+                 timeout{knob} above the clients' pool idle timeout.",
                 human_ms(timeout),
                 event.lport,
                 human_ms(safe_below(timeout)),
@@ -576,7 +582,7 @@ impl Diagnoser {
                 "Clients sent requests on connections {comm} had already closed; {comm} \
                  answered them with a reset ({count} so far). Clients of port {} must close \
                  idle pooled connections before the server does, or the server's keep-alive \
-                 timeout must be longer than theirs.",
+                 timeout{knob} must be longer than theirs.",
                 event.lport
             ),
         };
@@ -736,6 +742,25 @@ pub fn endpoint(addr: IpAddr, port: u16) -> String {
     match addr {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+/// Where well-known clients set how long they keep idle pooled connections.
+fn pool_idle_knob(comm: &str) -> Option<&'static str> {
+    match comm {
+        "nginx" => Some("nginx: `keepalive_timeout` in the `upstream` block, default 60 s"),
+        "haproxy" => Some("HAProxy: `pool-purge-delay`, default 5 s"),
+        _ => None,
+    }
+}
+
+/// Where well-known servers set their keep-alive timeout.
+fn server_idle_knob(comm: &str) -> Option<&'static str> {
+    match comm {
+        "nginx" => Some("nginx: `keepalive_timeout`, default 75 s"),
+        "haproxy" => Some("HAProxy: `timeout http-keep-alive`"),
+        "apache2" | "httpd" => Some("Apache: `KeepAliveTimeout`, default 5 s"),
+        _ => None,
     }
 }
 

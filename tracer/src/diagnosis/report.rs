@@ -158,9 +158,10 @@ impl Report {
         let findings: usize = self.processes.iter().map(|p| p.findings.len()).sum();
         let _ = writeln!(
             out,
-            "Connection report: {:.0} s, {} processes, {} finding{}",
+            "Connection report: {:.0} s, {} process{}, {} finding{}",
             self.duration_s,
             self.processes.len(),
+            if self.processes.len() == 1 { "" } else { "es" },
             findings,
             if findings == 1 { "" } else { "s" }
         );
@@ -275,10 +276,22 @@ fn write_traffic(out: &mut String, traffic: &Traffic) {
 }
 
 /// Wraps `text` at `width` columns, indenting continuation lines by `indent`.
+/// A unit stays with its number ("1.5 s" never breaks).
 fn wrap(text: &str, indent: usize, width: usize) -> String {
+    let mut words: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        let unit = matches!(word.trim_end_matches([',', '.', ')', ';', ':']), "s" | "ms" | "min");
+        match words.last_mut() {
+            Some(last) if unit && last.ends_with(|c: char| c.is_ascii_digit()) => {
+                last.push(' ');
+                last.push_str(word);
+            }
+            _ => words.push(word.to_string()),
+        }
+    }
     let mut out = String::new();
     let mut column = indent;
-    for word in text.split_whitespace() {
+    for word in words {
         if column + word.len() + 1 > width && column > indent {
             out.push('\n');
             out.push_str(&" ".repeat(indent));
@@ -287,8 +300,8 @@ fn wrap(text: &str, indent: usize, width: usize) -> String {
             out.push(' ');
             column += 1;
         }
-        out.push_str(word);
         column += word.len();
+        out.push_str(&word);
     }
     out
 }
