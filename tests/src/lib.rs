@@ -141,7 +141,9 @@ impl Trace {
             .findings
             .iter()
             .map(|f| serde_json::to_string(f).unwrap_or_default());
-        events.chain(findings).collect::<Vec<_>>().join("\n")
+        let mut dump = events.chain(findings).collect::<Vec<_>>();
+        dump.push(self.report_text());
+        dump.join("\n")
     }
 }
 

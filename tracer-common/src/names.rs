@@ -11,6 +11,8 @@ pub const MAP_LISTENERS: &str = "LISTENERS";
 pub const MAP_CONNECTS: &str = "CONNECTS";
 /// Connections in CLOSE_WAIT, for the leak scan.
 pub const MAP_CLOSE_WAITS: &str = "CLOSE_WAITS";
+/// Request accounting per pool (process and destination, or listening port).
+pub const MAP_POOLS: &str = "POOLS";
 /// Owners of connections that just reached CLOSE, keyed by endpoints, for resets
 /// sent after the close.
 pub const MAP_RECENTLY_CLOSED: &str = "RECENTLY_CLOSED";
@@ -36,3 +38,5 @@ pub const PROG_CONNECT_EXIT: &str = "sys_exit_connect";
 pub const PROG_ACCEPT_EXIT: &str = "sys_exit_accept";
 /// `tp_btf/sock_send_length`: sends, for reuse after idle.
 pub const PROG_SEND_BTF: &str = "sock_send_length_btf";
+/// `tp_btf/sock_recv_length`: reads, for request accounting.
+pub const PROG_RECV_BTF: &str = "sock_recv_length_btf";

@@ -87,23 +87,26 @@ pub struct CloseWait {
     pub since_ns: u64,
 }
 
-/// `SendState::flags`: `last_send_jiffies` holds a send.
-pub const SEND_SEEN: u32 = 1 << 0;
-/// `SendState::flags`: the peer's FIN arrived.
-pub const SEND_PEER_FIN: u32 = 1 << 1;
-/// `SendState::flags`: a send after the peer's FIN was reported.
-pub const SEND_STALE_REPORTED: u32 = 1 << 2;
-/// `SendState::flags`: this socket's first payload went out after payload came
-/// in: it answers its peer (a server), its sends are replies, not reuses.
-pub const SEND_RESPONDER: u32 = 1 << 3;
-/// `SendState::flags`: the send being handled carries the connection's first
-/// payload (transient, within one run of the hook).
-pub const SEND_FIRST_PAYLOAD: u32 = 1 << 4;
+/// `SockLocal::flags`: the hooks have seen this socket (it is classified).
+pub const LOCAL_SEEN: u32 = 1 << 0;
+/// `SockLocal::flags`: the peer's FIN arrived.
+pub const LOCAL_PEER_FIN: u32 = 1 << 1;
+/// `SockLocal::flags`: a send after the peer's FIN was reported.
+pub const LOCAL_STALE_REPORTED: u32 = 1 << 2;
+/// `SockLocal::flags`: this socket's first payload came in before any went out:
+/// it answers its peer (a server). Its sends are replies, not reuses, and its
+/// requests are what it receives.
+pub const LOCAL_RESPONDER: u32 = 1 << 3;
+/// `SockLocal::flags`: a request is in progress: for a client, sent and not yet
+/// answered; for a server, received and not yet answered.
+pub const LOCAL_BUSY: u32 = 1 << 4;
+/// `SockLocal::flags`: `last_send_jiffies` holds a send.
+pub const LOCAL_SENT: u32 = 1 << 5;
 
-/// Socket-local storage of the send hook: what the next send needs to know.
+/// Socket-local storage of the send and receive hooks, freed with the socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct SendState {
+pub struct SockLocal {
     pub last_send_jiffies: u32,
     pub flags: u32,
     /// `write_seq` when the peer's FIN arrived: sends whose data was handed over
@@ -112,6 +115,52 @@ pub struct SendState {
     /// after that send's data.
     pub fin_write_seq: u32,
     pub _pad: u32,
+    /// When the current request started (`LOCAL_BUSY`).
+    pub busy_since_ns: u64,
+    /// When the last request ended: for a client, when the response was read.
+    pub idle_since_ns: u64,
+    /// The pool this connection belongs to, fixed when first seen.
+    pub pool: PoolKey,
+}
+
+pub const POOL_CLIENT: u16 = 1;
+pub const POOL_SERVER: u16 = 2;
+
+/// A process's connections to one destination (client side: `addr`:`port` is
+/// the remote endpoint) or on one listening port (server side: `port` is the
+/// local port, `addr` is zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolKey {
+    pub pid: u32,
+    pub port: u16,
+    /// `POOL_CLIENT` or `POOL_SERVER`.
+    pub side: u16,
+    /// Address family of `addr`.
+    pub family: u16,
+    pub _pad: [u8; 6],
+    pub addr: [u8; 16],
+}
+
+/// Buckets of the gap histogram: bucket i counts gaps in [2^i, 2^(i+1)) µs
+/// (bucket 0 also holds gaps under 1 µs; the last, everything longer).
+pub const GAP_BUCKETS: usize = 20;
+
+/// Request accounting of one pool, updated by the kernel with atomic adds from
+/// every CPU, read by userspace every second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PoolStats {
+    /// Connections with a request in progress now. Kept as a wrapping counter:
+    /// decrements add `u64::MAX`.
+    pub busy: u64,
+    pub requests: u64,
+    pub responses: u64,
+    /// Time connections spent busy, over finished requests.
+    pub busy_ns: u64,
+    /// Client side: from reading a response to sending the next request on the
+    /// same connection.
+    pub gaps: [u64; GAP_BUCKETS],
 }
 
 /// A `connect()` call in flight, keyed by thread.
@@ -147,7 +196,9 @@ const _: () = {
     assert!(size_of::<ConnectCall>() == 64);
     assert!(size_of::<ClosedConn>() == 40);
     assert!(size_of::<CloseWait>() == 72);
-    assert!(size_of::<SendState>() == 16);
+    assert!(size_of::<SockLocal>() == 64);
+    assert!(size_of::<PoolKey>() == 32);
+    assert!(size_of::<PoolStats>() == 32 + 8 * GAP_BUCKETS);
 };
 
 #[cfg(feature = "user")]
@@ -158,5 +209,7 @@ crate::impl_pod!(
     ConnectCall,
     ClosedConn,
     CloseWait,
-    SendState
+    SockLocal,
+    PoolKey,
+    PoolStats
 );

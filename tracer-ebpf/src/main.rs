@@ -6,15 +6,22 @@
 //! whichever the running kernel accepts.
 #![no_std]
 #![no_main]
+// Atomic adds on map values (see exchange.rs); the BPF build runs with
+// RUSTC_BOOTSTRAP=1 for -Z build-std already.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod emit;
+mod exchange;
 mod globals;
 mod kernel;
 mod lifecycle;
+mod local;
 mod maps;
 mod resets;
 mod reuse;
 mod syscalls;
+mod traffic;
 
 use core::ffi::c_void;
 
@@ -22,7 +29,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use tracer_common::tcp::{TCP_CLOSE_WAIT, TCP_ESTABLISHED};
+use tracer_common::tcp::{TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED};
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
@@ -33,6 +40,8 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     // Only this flavour has the typed socket pointer socket storage needs.
     if old as u32 == TCP_ESTABLISHED && new as u32 == TCP_CLOSE_WAIT {
         reuse::peer_closed(sk);
+    } else if new as u32 == TCP_CLOSE {
+        traffic::on_close(sk);
     }
     0
 }
@@ -42,7 +51,21 @@ pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: *mut c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     if ret > 0 {
-        let _ = reuse::on_send(sk, ret as u32);
+        let _ = traffic::on_send(sk, ret as u32);
+    }
+    0
+}
+
+/// MSG_PEEK reads leave the data queued: the next read sees it again.
+const MSG_PEEK: i32 = 2;
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if ret > 0 && flags & MSG_PEEK == 0 {
+        let _ = traffic::on_receive(sk);
     }
     0
 }

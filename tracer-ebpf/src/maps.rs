@@ -9,7 +9,8 @@ use aya_ebpf::{
 use tracer_common::{
     event::Endpoints,
     state::{
-        CloseWait, ClosedConn, ConnectCall, Counter, ListenerKey, Owner, SendState, SockState,
+        CloseWait, ClosedConn, ConnectCall, Counter, ListenerKey, Owner, PoolKey, PoolStats,
+        SockLocal, SockState,
     },
 };
 
@@ -32,9 +33,13 @@ pub static RECENTLY_CLOSED: LruHashMap<Endpoints, ClosedConn> =
 #[map]
 pub static CLOSE_WAITS: LruHashMap<u64, CloseWait> = LruHashMap::with_max_entries(65_536, 0);
 
-/// Per-socket state of the send hook, freed by the kernel with the socket.
+/// Per-socket state of the send and receive hooks, freed by the kernel with the
+/// socket.
 #[btf_map]
-pub static SEND_STATE: SkStorage<SendState> = SkStorage::new();
+pub static SOCK_LOCAL: SkStorage<SockLocal> = SkStorage::new();
+
+#[map]
+pub static POOLS: LruHashMap<PoolKey, PoolStats> = LruHashMap::with_max_entries(16_384, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> =

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod decode;
 pub mod diagnosis;
 pub mod event;
+pub mod listen_queue;
 pub mod loader;
 pub mod output;
 pub mod owners;

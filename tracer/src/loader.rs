@@ -191,6 +191,12 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
             "tp_btf/sock_send_length ({e:#}): no reuse events, no stale_reuse findings"
         )),
     }
+    match btf_hooks.attach(&mut ebpf, PROG_RECV_BTF, "sock_recv_length") {
+        Ok(()) => report.attached.push("tp_btf/sock_recv_length".into()),
+        Err(e) => report.degraded.push(format!(
+            "tp_btf/sock_recv_length ({e:#}): no request accounting, no pool_saturation findings"
+        )),
+    }
     let optional: [(&str, &str, &str, &str); 6] = [
         (
             PROG_RECEIVE_RESET,

@@ -61,46 +61,57 @@ impl SocketOwners {
     }
 }
 
+/// The numeric entries of /proc: every process, as (pid, its /proc directory).
+fn processes() -> impl Iterator<Item = (u32, std::path::PathBuf)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
+/// Every socket inode held open by a process, with the first process found
+/// holding it (what `ss -p` shows).
+pub fn socket_inode_owners() -> HashMap<u64, ProcOwner> {
+    let mut owners = HashMap::new();
+    for (pid, dir) in processes() {
+        let Ok(fds) = fs::read_dir(dir.join("fd")) else {
+            continue;
+        };
+        let comm = fs::read_to_string(dir.join("comm"))
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_default();
+        for fd in fds.flatten() {
+            if let Some(inode) = fs::read_link(fd.path())
+                .ok()
+                .and_then(|target| socket_inode(target.to_str()?))
+            {
+                owners.entry(inode).or_insert_with(|| ProcOwner {
+                    pid,
+                    comm: comm.clone(),
+                });
+            }
+        }
+    }
+    owners
+}
+
 /// One pass over /proc: every TCP socket of every network namespace, with the
 /// first process found holding it.
 fn scan() -> HashMap<ConnKey, ProcOwner> {
-    let mut inode_owner: HashMap<u64, ProcOwner> = HashMap::new();
+    let inode_owner = socket_inode_owners();
     let mut namespaces = HashSet::new();
     let mut sockets: Vec<(ConnKey, u64)> = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return HashMap::new();
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let proc_dir = entry.path();
-        let comm = fs::read_to_string(proc_dir.join("comm"))
-            .map(|c| c.trim_end().to_string())
-            .unwrap_or_default();
-        if let Ok(fds) = fs::read_dir(proc_dir.join("fd")) {
-            for fd in fds.flatten() {
-                if let Some(inode) = fs::read_link(fd.path())
-                    .ok()
-                    .and_then(|target| socket_inode(target.to_str()?))
-                {
-                    inode_owner.entry(inode).or_insert_with(|| ProcOwner {
-                        pid,
-                        comm: comm.clone(),
-                    });
-                }
-            }
-        }
+    for (_, dir) in processes() {
         // Each network namespace is read once, through the first process in it.
-        if let Ok(netns) = fs::metadata(proc_dir.join("ns/net"))
+        if let Ok(netns) = fs::metadata(dir.join("ns/net"))
             && namespaces.insert(netns.ino())
         {
             for file in ["net/tcp", "net/tcp6"] {
-                if let Ok(text) = fs::read_to_string(proc_dir.join(file)) {
+                if let Ok(text) = fs::read_to_string(dir.join(file)) {
                     sockets.extend(parse_proc_net_tcp(&text));
                 }
             }
@@ -110,6 +121,29 @@ fn scan() -> HashMap<ConnKey, ProcOwner> {
         .into_iter()
         .filter_map(|(key, inode)| Some((key, inode_owner.get(&inode)?.clone())))
         .collect()
+}
+
+/// TIME_WAIT sockets towards `raddr`:`rport` in the network namespace of `pid`,
+/// from /proc/<pid>/net/tcp{,6}. Only looked up for destinations that churn.
+pub fn time_wait_towards(pid: u32, raddr: IpAddr, rport: u16) -> u64 {
+    const TIME_WAIT: &str = "06";
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|file| fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok())
+        .map(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    fields.get(3) == Some(&TIME_WAIT)
+                        && fields
+                            .get(2)
+                            .and_then(|f| parse_endpoint(f))
+                            .is_some_and(|remote| remote == (raddr, rport))
+                })
+                .count() as u64
+        })
+        .sum()
 }
 
 fn socket_inode(link: &str) -> Option<u64> {
@@ -186,6 +220,25 @@ mod tests {
             Some((IpAddr::from([127, 0, 0, 1]), 80))
         );
         assert_eq!(parse_endpoint("zz:0050"), None);
+    }
+
+    #[test]
+    fn counts_time_wait_towards_a_destination() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        for _ in 0..3 {
+            // The client closes first: its side keeps TIME_WAIT.
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            drop(client);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(server);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            time_wait_towards(std::process::id(), addr.ip(), addr.port()),
+            3
+        );
     }
 
     #[test]

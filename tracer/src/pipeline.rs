@@ -1,25 +1,63 @@
 //! The agent's pipeline: kernel events through the diagnosis, plus the periodic
 //! scan of connections stuck in CLOSE_WAIT. Every command runs one.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    time::{Duration, SystemTime},
+};
 
 use tokio::time::{Interval, MissedTickBehavior};
+use tracer_common::state::Owner;
 
 use crate::{
-    diagnosis::{self, Diagnoser, finding::Finding},
+    decode,
+    diagnosis::{
+        self, Diagnoser,
+        finding::Finding,
+        pools::{ListenerSample, Surroundings},
+    },
     event::Event,
+    listen_queue::{self, ListenCounters, ListenerQueue},
     loader::Options,
+    owners,
     session::{Session, SessionError, Stats},
 };
 
-/// How often connections in CLOSE_WAIT are checked against the leak threshold.
+/// How often connections in CLOSE_WAIT, pools and listeners are sampled.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The agent's network namespace, as the kernel numbers it (`ns.inum`, the
+/// inode of /proc/self/ns/net).
+fn own_netns() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/ns/net")
+        .ok()
+        .map(|meta| meta.ino() as u32)
+}
+
+/// The size of `net.ipv4.ip_local_port_range` in the network namespace of `pid`.
+fn port_range_size(pid: u32) -> Option<u32> {
+    let text = listen_queue::in_netns_of(pid, || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()
+    })
+    .ok()??;
+    let mut bounds = text
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u32>().ok());
+    let (low, high) = (bounds.next()?, bounds.next()?);
+    Some(high.saturating_sub(low) + 1)
+}
 
 pub struct Pipeline {
     session: Session,
     diagnoser: Diagnoser,
     scan: Interval,
     started: SystemTime,
+    /// ListenOverflows/ListenDrops per network namespace at the previous scan.
+    netns_drops: HashMap<u32, ListenCounters>,
+    /// Owners of socket inodes, for listeners that predate the agent.
+    inode_owners: HashMap<u64, owners::ProcOwner>,
+    inode_owners_read: Option<std::time::Instant>,
 }
 
 /// What one step produced.
@@ -46,6 +84,7 @@ impl Pipeline {
         let session = Session::start(options)?;
         diagnosis.jiffy = session.jiffies().to_duration(1);
         diagnosis.min_idle = options.min_idle;
+        diagnosis.scan_interval = SCAN_INTERVAL;
         let mut scan = tokio::time::interval(SCAN_INTERVAL);
         scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(Self {
@@ -53,6 +92,9 @@ impl Pipeline {
             diagnoser: Diagnoser::new(diagnosis),
             scan,
             started: SystemTime::now(),
+            netns_drops: HashMap::new(),
+            inode_owners: HashMap::new(),
+            inode_owners_read: None,
         })
     }
 
@@ -79,12 +121,7 @@ impl Pipeline {
         let first = batch.events.len();
         tokio::select! {
             result = self.session.next_batch(&mut batch.events) => result?,
-            _ = self.scan.tick() => {
-                let waiting = self.session.close_waits();
-                batch
-                    .findings
-                    .extend(self.diagnoser.close_wait_scan(SystemTime::now(), &waiting));
-            }
+            _ = self.scan.tick() => self.scan_once(batch),
         }
         self.diagnose(first, batch);
         Ok(())
@@ -96,6 +133,138 @@ impl Pipeline {
         let first = batch.events.len();
         self.session.drain(&mut batch.events);
         self.diagnose(first, batch);
+    }
+
+    /// The periodic look at what events do not show: connections stuck in
+    /// CLOSE_WAIT, the pools' request counters, the listeners' accept queues.
+    fn scan_once(&mut self, batch: &mut Batch) {
+        let now = SystemTime::now();
+        let waiting = self.session.close_waits();
+        batch
+            .findings
+            .extend(self.diagnoser.close_wait_scan(now, &waiting));
+        let counters = self.session.pools();
+        let around = self.surroundings();
+        batch
+            .findings
+            .extend(self.diagnoser.pool_scan(now, &counters, &around));
+        let listeners = self.listener_samples();
+        batch
+            .findings
+            .extend(self.diagnoser.listener_scan(now, &listeners));
+    }
+
+    /// TIME_WAIT counts and port ranges for the destinations that churn.
+    fn surroundings(&self) -> Surroundings {
+        let mut around = Surroundings::default();
+        for key in self.diagnoser.churn_candidates() {
+            let count = owners::time_wait_towards(key.pid, key.raddr, key.rport);
+            around.time_wait.insert(key.clone(), count);
+            if let Entry::Vacant(slot) = around.port_range.entry(key.pid)
+                && let Some(size) = port_range_size(key.pid)
+            {
+                slot.insert(size);
+            }
+        }
+        around
+    }
+
+    /// Accept queues of listening sockets, read in each one's network namespace,
+    /// with the namespace's drop counters: every listener of the agent's own
+    /// namespace, and in other namespaces those the programs saw opened (whose
+    /// owner leads into the namespace).
+    fn listener_samples(&mut self) -> Vec<ListenerSample> {
+        let mut by_netns: HashMap<u32, Vec<(Owner, u16)>> = HashMap::new();
+        for (owner, netns, port) in self.session.listeners() {
+            by_netns.entry(netns).or_default().push((owner, port));
+        }
+        let own_netns = own_netns();
+        if let Some(own) = own_netns {
+            by_netns.entry(own).or_default();
+        }
+        let mut samples = Vec::new();
+        for (netns, known) in by_netns {
+            let pid = if Some(netns) == own_netns {
+                std::process::id()
+            } else {
+                // Owners that have exited lead nowhere.
+                match known.iter().find(|(owner, _)| {
+                    std::path::Path::new(&format!("/proc/{}/ns/net", owner.pid)).exists()
+                }) {
+                    Some((owner, _)) => owner.pid,
+                    None => continue,
+                }
+            };
+            let Ok(Ok(queues)) = listen_queue::in_netns_of(pid, listen_queue::listening_sockets)
+            else {
+                continue;
+            };
+            let counters = listen_queue::listen_counters(pid).ok();
+            let drops = match (counters, self.netns_drops.get(&netns)) {
+                (Some(now), Some(before)) => {
+                    (now.overflows + now.drops).saturating_sub(before.overflows + before.drops)
+                }
+                _ => 0,
+            };
+            if let Some(counters) = counters {
+                self.netns_drops.insert(netns, counters);
+            }
+            let somaxconn = listen_queue::in_netns_of(pid, || {
+                std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok())
+            })
+            .ok()
+            .flatten();
+            // A port may be served by several sockets (SO_REUSEPORT, IPv4 and
+            // IPv6): the fullest speaks for it.
+            let mut fullest: HashMap<u16, &ListenerQueue> = HashMap::new();
+            for queue in &queues {
+                let slot = fullest.entry(queue.port).or_insert(queue);
+                if queue.depth > slot.depth {
+                    *slot = queue;
+                }
+            }
+            for (port, queue) in fullest {
+                let owner = match known.iter().find(|(_, p)| *p == port) {
+                    Some((owner, _)) => Some((owner.pid, decode::comm(&owner.comm))),
+                    None if Some(netns) == own_netns => self
+                        .listener_owner(queue.inode)
+                        .map(|owner| (owner.pid, owner.comm)),
+                    None => None,
+                };
+                let Some((pid, comm)) = owner else {
+                    continue;
+                };
+                samples.push(ListenerSample {
+                    pid,
+                    comm,
+                    lport: port,
+                    depth: queue.depth,
+                    limit: queue.limit,
+                    netns_drops: drops,
+                    somaxconn,
+                });
+            }
+        }
+        samples
+    }
+
+    /// The process holding a listening socket that predates the agent, from
+    /// /proc; re-read at most every 10 s when a socket is not known yet.
+    fn listener_owner(&mut self, inode: u64) -> Option<owners::ProcOwner> {
+        if let Some(owner) = self.inode_owners.get(&inode) {
+            return Some(owner.clone());
+        }
+        if self
+            .inode_owners_read
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
+            return None;
+        }
+        self.inode_owners = owners::socket_inode_owners();
+        self.inode_owners_read = Some(std::time::Instant::now());
+        self.inode_owners.get(&inode).cloned()
     }
 
     fn diagnose(&mut self, first: usize, batch: &mut Batch) {

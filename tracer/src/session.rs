@@ -8,14 +8,17 @@ use std::time::Duration;
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracer_common::{
-    names::{MAP_CLOSE_WAITS, MAP_COUNTERS, MAP_EVENTS},
-    state::{CloseWait, Counter},
+    names::{MAP_CLOSE_WAITS, MAP_COUNTERS, MAP_EVENTS, MAP_LISTENERS, MAP_POOLS},
+    state::{CloseWait, Counter, ListenerKey, Owner, POOL_CLIENT, PoolKey, PoolStats},
 };
 
 use crate::{
     clock::{ClockError, Jiffies, WallClock},
     decode::{self, Decoder},
-    diagnosis::CloseWaitEntry,
+    diagnosis::{
+        self, CloseWaitEntry, DestinationKey,
+        pools::{self, PoolCounters, PoolRef},
+    },
     event::{Event, Role},
     loader::{self, AttachReport, LoadError, Options},
     owners::SocketOwners,
@@ -58,6 +61,8 @@ pub struct Session {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     close_waits: HashMap<MapData, u64, CloseWait>,
+    pools: HashMap<MapData, PoolKey, PoolStats>,
+    listeners: HashMap<MapData, ListenerKey, Owner>,
     decoder: Decoder,
     owners: SocketOwners,
     report: AttachReport,
@@ -91,6 +96,22 @@ impl Session {
             name: MAP_CLOSE_WAITS,
             source,
         })?;
+        let pools = HashMap::try_from(
+            ebpf.take_map(MAP_POOLS)
+                .ok_or(SessionError::MissingMap(MAP_POOLS))?,
+        )
+        .map_err(|source| SessionError::Map {
+            name: MAP_POOLS,
+            source,
+        })?;
+        let listeners = HashMap::try_from(
+            ebpf.take_map(MAP_LISTENERS)
+                .ok_or(SessionError::MissingMap(MAP_LISTENERS))?,
+        )
+        .map_err(|source| SessionError::Map {
+            name: MAP_LISTENERS,
+            source,
+        })?;
         let mut owners = SocketOwners::default();
         owners.refresh();
         // SAFETY: the ring buffer owns its map fd and keeps it open for as long as
@@ -102,6 +123,8 @@ impl Session {
             ring,
             counters,
             close_waits,
+            pools,
+            listeners,
             decoder: Decoder {
                 clock: WallClock::new(),
                 jiffies,
@@ -191,6 +214,45 @@ impl Session {
             entries.push(entry);
         }
         entries
+    }
+
+    /// The kernel's request counters of every pool.
+    pub fn pools(&self) -> Vec<PoolCounters> {
+        self.pools
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, stats)| {
+                let pool = match key.side {
+                    POOL_CLIENT => PoolRef::Destination(DestinationKey {
+                        pid: key.pid,
+                        raddr: pools::pool_address(key.family, &key.addr)?,
+                        rport: key.port,
+                    }),
+                    _ => PoolRef::Listener(diagnosis::ListenerKey {
+                        pid: key.pid,
+                        lport: key.port,
+                    }),
+                };
+                Some(PoolCounters {
+                    pool,
+                    busy: stats.busy,
+                    requests: stats.requests,
+                    responses: stats.responses,
+                    busy_ns: stats.busy_ns,
+                    gaps: stats.gaps.to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    /// Every listening socket the programs have seen opened: owner, network
+    /// namespace inode and port.
+    pub fn listeners(&self) -> Vec<(Owner, u32, u16)> {
+        self.listeners
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, owner)| (owner, key.netns, key.port))
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {

@@ -21,6 +21,17 @@ pub enum FindingKind {
     SilentDrop,
     /// Server side: requests arrived on connections this server had closed.
     LateRequestReset,
+    /// Every connection of a pool busy, requests queued for a free one.
+    PoolSaturation,
+    /// New connections for one or two requests each, at a high rate.
+    ConnectionChurn,
+    /// connect() found no free local port.
+    PortExhaustion,
+    /// A listener's accept queue filled up or dropped connections.
+    AcceptQueueOverflow,
+    /// Connections wait to be accepted while idle keep-alive connections hold
+    /// the server's workers.
+    KeepaliveWorkerStarvation,
 }
 
 impl FindingKind {
@@ -31,6 +42,11 @@ impl FindingKind {
             Self::CloseWaitLeak => "close_wait_leak",
             Self::SilentDrop => "silent_drop",
             Self::LateRequestReset => "late_request_reset",
+            Self::PoolSaturation => "pool_saturation",
+            Self::ConnectionChurn => "connection_churn",
+            Self::PortExhaustion => "port_exhaustion",
+            Self::AcceptQueueOverflow => "accept_queue_overflow",
+            Self::KeepaliveWorkerStarvation => "keepalive_worker_starvation",
         }
     }
 }

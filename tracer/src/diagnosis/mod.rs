@@ -7,6 +7,7 @@
 
 pub mod estimate;
 pub mod finding;
+pub mod pools;
 pub mod report;
 pub mod samples;
 
@@ -46,6 +47,26 @@ pub struct Config {
     pub max_destinations: NonZeroUsize,
     /// Connections followed at once for reuse/reset correlation.
     pub max_connections: NonZeroUsize,
+    /// How often the pipeline scans pools and listeners.
+    pub scan_interval: Duration,
+    /// How long a pool must stay saturated, or a destination churn, to be reported.
+    pub window: Duration,
+    /// Busy fraction at which every connection counts as busy.
+    pub saturation_busy: f64,
+    /// A median gap from response to next request at most this long means
+    /// requests were queued for a connection.
+    pub saturation_gap_us: f64,
+    /// New connections per second to one destination that count as churn.
+    pub churn_rate: f64,
+    /// Scans in a row with connections queued for a worker.
+    pub starvation_samples: usize,
+}
+
+impl Config {
+    /// Scans in one window.
+    pub fn window_samples(&self) -> usize {
+        ((self.window.as_secs_f64() / self.scan_interval.as_secs_f64()).round() as usize).max(1)
+    }
 }
 
 impl Default for Config {
@@ -56,6 +77,12 @@ impl Default for Config {
             jiffy: Duration::from_millis(4),
             max_destinations: NonZeroUsize::new(10_000).unwrap(),
             max_connections: NonZeroUsize::new(65_536).unwrap(),
+            scan_interval: Duration::from_secs(1),
+            window: Duration::from_secs(5),
+            saturation_busy: 0.9,
+            saturation_gap_us: 1000.0,
+            churn_rate: 100.0,
+            starvation_samples: 3,
         }
     }
 }
@@ -122,6 +149,20 @@ pub struct ConnectionStats {
     pub stale_reuses: u64,
     pub silent_drops: u64,
     pub late_request_resets: u64,
+    /// Connection lifetimes (ESTABLISHED to CLOSE) of connections whose open was seen.
+    pub lifetimes: Samples,
+    /// Closes of connections whose open was seen: what is still open is
+    /// `opened - closed_seen`.
+    pub closed_seen: u64,
+    /// Client: SYN to ESTABLISHED.
+    pub connect_time: Samples,
+    /// Server: handshake to accept().
+    pub accept_wait: Samples,
+    pub connect_errors: std::collections::BTreeMap<String, u64>,
+    /// Per-second samples of the pool.
+    pub history: pools::PoolHistory,
+    /// Per-second samples of the listening socket (server side).
+    pub listener: pools::ListenerHistory,
 }
 
 impl ConnectionStats {
@@ -140,6 +181,16 @@ impl ConnectionStats {
 
     pub fn local_idle_timeout(&self, jiffy: Duration) -> Option<Estimate> {
         idle_timeout(&self.local_close_idle.recent(), ms(jiffy))
+    }
+
+    /// Connections opened since the agent started that are still open.
+    pub fn open_now(&self) -> u64 {
+        self.opened.saturating_sub(self.closed_seen)
+    }
+
+    pub fn closed_total(&self) -> u64 {
+        let c = &self.closes;
+        c.local + c.peer + c.reset_local + c.reset_peer + c.timeout + c.unknown
     }
 }
 
@@ -212,7 +263,16 @@ impl Diagnoser {
     pub fn observe(&mut self, event: &Event) -> Vec<Finding> {
         let mut findings = Vec::new();
         match &event.detail {
-            Detail::Open(_) => self.stats(event).opened += 1,
+            Detail::Open(open) => {
+                let stats = self.stats(event);
+                stats.opened += 1;
+                if let Some(us) = open.connect_us {
+                    stats.connect_time.push(us as f64 / 1000.0);
+                }
+                if let Some(us) = open.accept_wait_us {
+                    stats.accept_wait.push(us as f64 / 1000.0);
+                }
+            }
             Detail::Close(close) => self.on_close(event, close, &mut findings),
             Detail::Reset(reset) => self.on_reset(event, reset, &mut findings),
             Detail::Reuse(reuse) => self.on_reuse(event, reuse, &mut findings),
@@ -222,7 +282,17 @@ impl Diagnoser {
                     track.retransmits_after_reuse += 1;
                 }
             }
-            Detail::ConnectError(_) => {}
+            Detail::ConnectError(error) => {
+                let stats = self.stats(event);
+                *stats.connect_errors.entry(error.error.clone()).or_default() += 1;
+                if error.error == "EADDRNOTAVAIL" {
+                    findings.extend(self.address_not_available(
+                        destination(event),
+                        &event.comm,
+                        event.ts,
+                    ));
+                }
+            }
         }
         findings
     }
@@ -254,6 +324,10 @@ impl Diagnoser {
     fn on_close(&mut self, event: &Event, close: &Close, findings: &mut Vec<Finding>) {
         let stats = self.stats(event);
         stats.closes.count(close.closed_by);
+        if let Some(duration) = close.duration_ms {
+            stats.closed_seen += 1;
+            stats.lifetimes.push(duration);
+        }
         match (close.closed_by, close.idle_ms) {
             (ClosedBy::Peer, Some(idle)) => {
                 let idle = idle as f64;

@@ -11,6 +11,7 @@ use super::{
     estimate::Estimate,
     finding::{Finding, Severity},
     human_ms,
+    pools::PoolSample,
     samples::Summary,
 };
 use crate::event::Role;
@@ -51,10 +52,56 @@ pub struct Traffic {
     pub peer_idle_timeout: Option<Estimate>,
     /// This side's idle timeout, inferred from its own closes.
     pub local_idle_timeout: Option<Estimate>,
+    pub lifetime: Option<Summary>,
+    /// Client: SYN to ESTABLISHED.
+    pub connect_time: Option<Summary>,
+    /// Server: handshake to accept().
+    pub accept_wait: Option<Summary>,
+    pub connect_errors: BTreeMap<String, u64>,
+    /// The pool over its latest samples.
+    pub pool: Option<PoolSummary>,
+}
+
+/// A pool (or a server's connections on a port) over its latest samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolSummary {
+    pub seconds: usize,
+    pub open_now: u64,
+    pub busy_now: u64,
+    pub busy_fraction: f64,
+    pub requests_per_s: f64,
+    pub new_connections_per_s: f64,
+    pub mean_response_ms: Option<f64>,
+    pub median_gap_us: Option<f64>,
+    pub saturated_s: f64,
+}
+
+impl PoolSummary {
+    fn new(history: &super::pools::PoolHistory, window: usize) -> Option<Self> {
+        let recent: Vec<&PoolSample> = history.samples.iter().rev().take(window).collect();
+        let latest = recent.first()?;
+        let n = recent.len() as f64;
+        let responses: u64 = recent.iter().map(|s| s.responses).sum();
+        let weighted: f64 = recent
+            .iter()
+            .filter_map(|s| s.mean_response_ms.map(|ms| ms * s.responses as f64))
+            .sum();
+        Some(Self {
+            seconds: recent.len(),
+            open_now: latest.open,
+            busy_now: latest.busy,
+            busy_fraction: recent.iter().map(|s| s.busy_fraction).sum::<f64>() / n,
+            requests_per_s: recent.iter().map(|s| s.requests).sum::<u64>() as f64 / n,
+            new_connections_per_s: recent.iter().map(|s| s.opened).sum::<u64>() as f64 / n,
+            mean_response_ms: (responses > 0).then(|| weighted / responses as f64),
+            median_gap_us: latest.median_gap_us,
+            saturated_s: history.saturated_s,
+        })
+    }
 }
 
 impl Traffic {
-    fn new(stats: &ConnectionStats, jiffy: Duration) -> Self {
+    fn new(stats: &ConnectionStats, jiffy: Duration, window: usize) -> Self {
         Self {
             raddr: None,
             rport: None,
@@ -70,6 +117,11 @@ impl Traffic {
             mid_request_peer_closes: stats.mid_request_peer_closes,
             peer_idle_timeout: stats.peer_idle_timeout(jiffy),
             local_idle_timeout: stats.local_idle_timeout(jiffy),
+            lifetime: stats.lifetimes.summary(),
+            connect_time: stats.connect_time.summary(),
+            accept_wait: stats.accept_wait.summary(),
+            connect_errors: stats.connect_errors.clone(),
+            pool: PoolSummary::new(&stats.history, window),
         }
     }
 }
@@ -77,9 +129,10 @@ impl Traffic {
 impl Diagnoser {
     pub fn report(&self, duration: Duration) -> Report {
         let jiffy = self.config.jiffy;
+        let window = self.config.window_samples();
         let mut processes: BTreeMap<u32, ProcessReport> = BTreeMap::new();
         for (key, stats) in self.destinations() {
-            let mut traffic = Traffic::new(stats, jiffy);
+            let mut traffic = Traffic::new(stats, jiffy, window);
             traffic.raddr = Some(key.raddr);
             traffic.rport = Some(key.rport);
             process(&mut processes, key.pid, &stats.comm)
@@ -87,7 +140,7 @@ impl Diagnoser {
                 .push(traffic);
         }
         for (key, stats) in self.listeners() {
-            let mut traffic = Traffic::new(stats, jiffy);
+            let mut traffic = Traffic::new(stats, jiffy, window);
             traffic.lport = Some(key.lport);
             process(&mut processes, key.pid, &stats.comm)
                 .listeners
@@ -241,6 +294,41 @@ fn write_traffic(out: &mut String, traffic: &Traffic) {
     line(out, "idle when this side closed", &traffic.local_close_idle);
     line(out, "idle before reuse", &traffic.reuse_idle);
     line(out, "in CLOSE_WAIT", &traffic.close_wait);
+    line(out, "connection lifetime", &traffic.lifetime);
+    line(out, "connect (SYN to established)", &traffic.connect_time);
+    line(out, "wait to be accepted", &traffic.accept_wait);
+    if !traffic.connect_errors.is_empty() {
+        let errors: Vec<String> = traffic
+            .connect_errors
+            .iter()
+            .map(|(name, n)| format!("{name} ×{n}"))
+            .collect();
+        let _ = writeln!(out, "      connect errors: {}", errors.join(", "));
+    }
+    if let Some(pool) = &traffic.pool {
+        let _ = writeln!(
+            out,
+            "      last {} s: {} open, {} busy now, busy {:.0}% of the time, {:.1} requests/s, \
+             {:.1} new connections/s{}{}{}",
+            pool.seconds,
+            pool.open_now,
+            pool.busy_now,
+            pool.busy_fraction * 100.0,
+            pool.requests_per_s,
+            pool.new_connections_per_s,
+            pool.mean_response_ms
+                .map(|ms| format!(", response {}", human_ms(ms)))
+                .unwrap_or_default(),
+            pool.median_gap_us
+                .map(|us| format!(", next request {us:.0} µs after a response"))
+                .unwrap_or_default(),
+            if pool.saturated_s > 0.0 {
+                format!(", saturated {:.0} s in all", pool.saturated_s)
+            } else {
+                String::new()
+            },
+        );
+    }
     if traffic.graceful_peer_closes > 0 {
         let _ = writeln!(
             out,
@@ -280,7 +368,10 @@ fn write_traffic(out: &mut String, traffic: &Traffic) {
 fn wrap(text: &str, indent: usize, width: usize) -> String {
     let mut words: Vec<String> = Vec::new();
     for word in text.split_whitespace() {
-        let unit = matches!(word.trim_end_matches([',', '.', ')', ';', ':']), "s" | "ms" | "min");
+        let unit = matches!(
+            word.trim_end_matches([',', '.', ')', ';', ':']),
+            "s" | "ms" | "min"
+        );
         match words.last_mut() {
             Some(last) if unit && last.ends_with(|c: char| c.is_ascii_digit()) => {
                 last.push(' ');

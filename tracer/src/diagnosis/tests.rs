@@ -485,3 +485,257 @@ fn safe_pool_timeouts_and_durations_read_well() {
     assert_eq!(human_ms(75_000.0), "75 s");
     assert_eq!(human_ms(600_000.0), "10 min");
 }
+
+mod pools {
+    use super::*;
+    use crate::diagnosis::pools::{ListenerSample, PoolCounters, PoolRef, Surroundings};
+
+    fn pool_key() -> DestinationKey {
+        DestinationKey {
+            pid: CLIENT,
+            raddr: localhost(),
+            rport: SERVER_PORT,
+        }
+    }
+
+    /// Opens `n` client connections to the destination.
+    fn open_connections(d: &mut Diagnoser, n: u16) {
+        for port in 0..n {
+            d.observe(&client(0, 46_000 + port, open()));
+        }
+    }
+
+    /// Kernel counters after `seconds` of traffic on `size` connections, each
+    /// busy `busy` of the time, serving 50 ms requests with gaps in `gap_bucket`.
+    fn counters(seconds: u64, size: u64, busy: f64, gap_bucket: usize) -> PoolCounters {
+        let busy_ns = (seconds as f64 * size as f64 * busy * 1e9) as u64;
+        let responses = busy_ns / 50_000_000;
+        let mut gaps = vec![0; 20];
+        gaps[gap_bucket] = responses;
+        PoolCounters {
+            pool: PoolRef::Destination(pool_key()),
+            busy: size,
+            requests: responses + size,
+            responses,
+            busy_ns,
+            gaps,
+        }
+    }
+
+    fn scan_seconds(
+        d: &mut Diagnoser,
+        seconds: std::ops::RangeInclusive<u64>,
+        counters_at: impl Fn(u64) -> PoolCounters,
+    ) -> Vec<Finding> {
+        seconds
+            .flat_map(|s| d.pool_scan(at(s * 1000), &[counters_at(s)], &Surroundings::default()))
+            .collect()
+    }
+
+    #[test]
+    fn a_pool_busy_all_the_time_with_queued_requests_is_saturated() {
+        let mut d = diagnoser();
+        open_connections(&mut d, 4);
+        // Gaps of 64-128 µs: the next caller was waiting.
+        let findings = scan_seconds(&mut d, 0..=6, |s| counters(s, 4, 0.99, 6));
+        assert_eq!(kinds(&findings), [FindingKind::PoolSaturation]);
+        let evidence = &findings[0].evidence;
+        assert_eq!(evidence["pool_size"], 4);
+        assert!(evidence["busy_fraction"].as_f64().unwrap() >= 0.9);
+        assert_eq!(evidence["median_gap_us"], 96.0);
+        assert_eq!(evidence["window_s"], 5);
+        assert_eq!(evidence["mean_response_ms"], 50.0);
+        assert!(
+            findings[0]
+                .recommendation
+                .contains("Raise the pool above 4"),
+            "{}",
+            findings[0].recommendation
+        );
+    }
+
+    #[test]
+    fn a_busy_but_unsaturated_pool_is_fine() {
+        let mut d = diagnoser();
+        open_connections(&mut d, 16);
+        assert!(scan_seconds(&mut d, 0..=10, |s| counters(s, 16, 0.25, 6)).is_empty());
+    }
+
+    #[test]
+    fn busy_connections_with_slow_callers_are_not_queued_requests() {
+        // Busy 95%, but each caller thinks 30 ms before its next request.
+        let mut d = diagnoser();
+        open_connections(&mut d, 4);
+        assert!(scan_seconds(&mut d, 0..=10, |s| counters(s, 4, 0.95, 14)).is_empty());
+    }
+
+    #[test]
+    fn a_burst_shorter_than_the_window_is_not_saturation() {
+        let mut d = diagnoser();
+        open_connections(&mut d, 4);
+        let findings = scan_seconds(&mut d, 0..=10, |s| {
+            // Saturated from second 3 to 5, idle otherwise.
+            let saturated = s.clamp(3, 6) - 3;
+            let mut c = counters(saturated, 4, 0.99, 6);
+            c.busy_ns += (s - saturated) * 4 * 100_000_000;
+            c
+        });
+        assert!(findings.is_empty(), "{findings:#?}");
+    }
+
+    #[test]
+    fn a_growing_pool_is_not_saturated() {
+        let mut d = diagnoser();
+        open_connections(&mut d, 4);
+        let mut findings = Vec::new();
+        for s in 0..=8u64 {
+            // One more connection every second.
+            d.observe(&client(s * 1000, 47_000 + s as u16, open()));
+            findings.extend(d.pool_scan(
+                at(s * 1000),
+                &[counters(s, 4 + s, 0.99, 6)],
+                &Surroundings::default(),
+            ));
+        }
+        assert!(findings.is_empty(), "{findings:#?}");
+    }
+
+    /// `rate` connections per second to the destination, each serving
+    /// `requests` requests and closed by the client after 2 ms.
+    fn churn_traffic(d: &mut Diagnoser, seconds: u64, rate: u16, requests: u64) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        let mut total_requests = 0;
+        for s in 0..=seconds {
+            for i in 0..rate {
+                let port = 20_000 + i;
+                let t = s * 1000 + u64::from(i);
+                d.observe(&client(t, port, open()));
+                let mut c = close(ClosedBy::Local, 0);
+                c.duration_ms = Some(2.0);
+                d.observe(&client(t + 2, port, Detail::Close(c)));
+                total_requests += requests;
+            }
+            let counters = PoolCounters {
+                pool: PoolRef::Destination(pool_key()),
+                busy: 0,
+                requests: total_requests,
+                responses: total_requests,
+                busy_ns: total_requests * 1_000_000,
+                gaps: vec![0; 20],
+            };
+            let mut around = Surroundings::default();
+            around.time_wait.insert(pool_key(), 1500);
+            around.port_range.insert(CLIENT, 28_232);
+            findings.extend(d.pool_scan(at(s * 1000 + 999), &[counters], &around));
+        }
+        findings
+    }
+
+    #[test]
+    fn one_request_per_connection_at_a_high_rate_is_churn() {
+        let mut d = diagnoser();
+        let findings = churn_traffic(&mut d, 6, 300, 1);
+        assert_eq!(kinds(&findings), [FindingKind::ConnectionChurn]);
+        let evidence = &findings[0].evidence;
+        assert_eq!(evidence["new_connections_per_s"], 300.0);
+        assert_eq!(evidence["requests_per_connection"], 1.0);
+        assert_eq!(evidence["time_wait"], 1500);
+        assert_eq!(evidence["closed_by_this_side"], 1800);
+    }
+
+    #[test]
+    fn many_connections_each_well_used_are_not_churn() {
+        let mut d = diagnoser();
+        assert!(churn_traffic(&mut d, 6, 300, 20).is_empty());
+    }
+
+    #[test]
+    fn few_new_connections_are_not_churn() {
+        let mut d = diagnoser();
+        assert!(churn_traffic(&mut d, 6, 20, 1).is_empty());
+    }
+
+    #[test]
+    fn address_not_available_is_port_exhaustion() {
+        let mut d = diagnoser();
+        let error = Detail::ConnectError(crate::event::ConnectError {
+            error: "EADDRNOTAVAIL".into(),
+            connect_us: 3,
+        });
+        let errors: Vec<Event> = (0..3).map(|t| client(t, 0, error.clone())).collect();
+        let findings = feed(&mut d, &errors);
+        // Reported at the first error, again when the count doubled, not at the third.
+        assert_eq!(
+            kinds(&findings),
+            [FindingKind::PortExhaustion, FindingKind::PortExhaustion]
+        );
+        assert_eq!(findings[0].evidence["eaddrnotavail"], 1);
+        assert_eq!(d.findings()[0].count, 3);
+    }
+
+    fn listener(depth: u32, drops: u64) -> ListenerSample {
+        ListenerSample {
+            pid: SERVER,
+            comm: "server".into(),
+            lport: SERVER_PORT,
+            depth,
+            limit: 4,
+            netns_drops: drops,
+            somaxconn: Some(4096),
+        }
+    }
+
+    #[test]
+    fn a_full_accept_queue_with_drops_is_an_overflow() {
+        let mut d = diagnoser();
+        assert!(d.listener_scan(at(0), &[listener(2, 0)]).is_empty());
+        let findings = d.listener_scan(at(1000), &[listener(5, 12)]);
+        assert_eq!(kinds(&findings), [FindingKind::AcceptQueueOverflow]);
+        let evidence = &findings[0].evidence;
+        assert_eq!(evidence["backlog_limit"], 4);
+        assert_eq!(evidence["peak_depth"], 5);
+        assert_eq!(evidence["dropped"], 12);
+        assert_eq!(findings[0].severity, Severity::Error);
+        assert_eq!(findings[0].lport, Some(SERVER_PORT));
+    }
+
+    #[test]
+    fn a_queue_that_drains_is_fine() {
+        let mut d = diagnoser();
+        let findings: Vec<Finding> = (0..10)
+            .flat_map(|s| d.listener_scan(at(s * 1000), &[listener((s % 3) as u32, 0)]))
+            .collect();
+        assert!(findings.is_empty());
+    }
+
+    #[test]
+    fn queued_connections_behind_idle_keepalive_workers_are_starvation() {
+        let mut d = diagnoser();
+        // Four accepted connections, idle after one request each.
+        for port in 0..4 {
+            d.observe(&server(0, 48_000 + port, open()));
+        }
+        let server_pool = || PoolCounters {
+            pool: PoolRef::Listener(ListenerKey {
+                pid: SERVER,
+                lport: SERVER_PORT,
+            }),
+            busy: 0,
+            requests: 4,
+            responses: 4,
+            busy_ns: 4_000_000,
+            gaps: vec![0; 20],
+        };
+        let mut findings = Vec::new();
+        for s in 0..=4 {
+            findings.extend(d.pool_scan(at(s * 1000), &[server_pool()], &Surroundings::default()));
+            findings
+                .extend(d.listener_scan(at(s * 1000), &[listener(if s >= 1 { 3 } else { 0 }, 0)]));
+        }
+        assert_eq!(kinds(&findings), [FindingKind::KeepaliveWorkerStarvation]);
+        let evidence = &findings[0].evidence;
+        assert_eq!(evidence["queued"], 3);
+        assert_eq!(evidence["idle_keepalive_connections"], 4);
+        assert_eq!(evidence["open_connections"], 4);
+    }
+}

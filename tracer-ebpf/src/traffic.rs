@@ -1,0 +1,43 @@
+//! The send and receive hooks. They run on every send and receive of every
+//! socket, so they filter to TCP first; everything after that works on the
+//! socket's own storage, touching shared maps only when a request starts or ends
+//! or a reuse is reported.
+
+use core::ffi::c_void;
+
+use tracer_common::tcp::IPPROTO_TCP;
+
+use crate::{exchange, kernel::Sock, local, reuse};
+
+pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
+    let sock = Sock(sk as u64);
+    if sock.protocol()? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let Some(local) = local::storage(sk, true) else {
+        return Ok(());
+    };
+    local::classify(sock, local, bytes as u64)?;
+    exchange::on_send(local);
+    reuse::on_send(sock, local, bytes)
+}
+
+pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
+    let sock = Sock(sk as u64);
+    if sock.protocol()? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let Some(local) = local::storage(sk, true) else {
+        return Ok(());
+    };
+    local::classify(sock, local, 0)?;
+    exchange::on_receive(local);
+    Ok(())
+}
+
+/// The connection reached CLOSE: a request in progress is abandoned.
+pub fn on_close(sk: *mut c_void) {
+    if let Some(local) = local::storage(sk, false) {
+        exchange::abandon(local);
+    }
+}
