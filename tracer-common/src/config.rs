@@ -42,6 +42,7 @@ pub struct KernelOffsets {
     pub skc_net: u32,
     // struct sock
     pub sk_protocol: u32,
+    pub sk_type: u32,
     pub sk_err: u32,
     pub sk_socket: u32,
     pub sk_flags: u32,
@@ -87,12 +88,14 @@ pub struct TracepointOffsets {
     pub connect_uservaddr: u32,
     /// `ret` of `sys_exit_*` records.
     pub sys_exit_ret: u32,
-    pub _pad: u32,
+    /// `err` of `tcp_retransmit_skb` (Linux 6.? and later trace failed attempts
+    /// too); 0 when the record has no such field.
+    pub retransmit_err: u32,
 }
 
 const _: () = {
     assert!(size_of::<Config>() == 32);
-    assert!(size_of::<KernelOffsets>() == 32 * 4);
+    assert!(size_of::<KernelOffsets>() == 33 * 4);
     assert!(size_of::<TracepointOffsets>() == 40);
 };
 

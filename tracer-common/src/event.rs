@@ -176,6 +176,10 @@ pub struct ResetEvent {
     pub _pad: u32,
 }
 
+/// `ResetEvent::flags`: this side had sent the last payload and nothing had
+/// come back since: a request was outstanding when the RST was seen.
+pub const RESET_AWAITING_REPLY: u32 = 1 << 2;
+
 /// `ResetEvent::flags`: the RST went out for a connection this side had already
 /// closed (from its TIME_WAIT remnant, or right after CLOSE): the peer sent data
 /// after the close.

@@ -26,6 +26,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skc_v6_rcv_saddr: 0,
     skc_net: 0,
     sk_protocol: 0,
+    sk_type: 0,
     sk_err: 0,
     sk_socket: 0,
     sk_flags: 0,
@@ -61,7 +62,7 @@ static TP_OFFSETS: TracepointOffsets = TracepointOffsets {
     connect_fd: 0,
     connect_uservaddr: 0,
     sys_exit_ret: 0,
-    _pad: 0,
+    retransmit_err: 0,
 };
 
 #[inline(always)]

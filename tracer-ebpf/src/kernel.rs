@@ -6,7 +6,8 @@ use aya_ebpf::helpers::{
 use tracer_common::{
     event::Endpoints,
     tcp::{
-        AF_INET, AF_INET6, TCP_LISTEN, TCP_NEW_SYN_RECV, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT,
+        AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN, TCP_NEW_SYN_RECV, TCP_SYN_RECV, TCP_SYN_SENT,
+        TCP_TIME_WAIT,
     },
 };
 
@@ -26,6 +27,15 @@ impl Sock {
     #[inline(always)]
     pub fn protocol(self) -> Result<u16, i64> {
         read(self.0 + offset!(sk_protocol))
+    }
+
+    /// A TCP stream socket. Raw sockets can carry protocol 6 too, and have no
+    /// `tcp_sock` behind them.
+    #[inline(always)]
+    pub fn is_tcp(self) -> Result<bool, i64> {
+        const SOCK_STREAM: u16 = 1;
+        Ok(self.protocol()? == IPPROTO_TCP
+            && read::<u16>(self.0 + offset!(sk_type))? == SOCK_STREAM)
     }
 
     #[inline(always)]

@@ -19,7 +19,7 @@ use tracer_common::{
 use crate::{
     emit::{current_owner, emit, header, now_ns},
     kernel::Sock,
-    maps::{CLOSE_WAITS, CONNECTS, LISTENERS, RECENTLY_CLOSED, SOCKS, count},
+    maps::{CLOSE_WAITS, CONNECTS, FAILED_CONNECTS, LISTENERS, RECENTLY_CLOSED, SOCKS, count},
 };
 
 pub fn on_state_change(sk: u64, old: u32, new: u32) -> Result<(), i64> {
@@ -132,6 +132,7 @@ fn lookup_or_adopt(sk: u64, process_context: bool) -> Result<&'static mut SockSt
 /// connect(): process context. A stale entry left by a reused socket address is
 /// overwritten.
 fn connecting(sk: u64, now: u64) -> Result<(), i64> {
+    let _ = FAILED_CONNECTS.remove(sk);
     let owner = current_owner(ROLE_CLIENT);
     let mut state = new_state(&owner, bpf_get_current_pid_tgid() as u32);
     state.syn_ns = now;
@@ -214,6 +215,7 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
     };
     let errno = sock.err().unwrap_or(0);
     if errno != 0 {
+        let _ = FAILED_CONNECTS.insert(sock.0, now, 0);
         let owner = owner_of(state);
         let conn = sock.endpoints()?;
         let connect_ns = if state.syn_ns != 0 {
@@ -286,8 +288,16 @@ fn closed_after_peer(sock: Sock, now: u64) -> Result<(), i64> {
 
 /// How a connection that reached CLOSE without an earlier FIN ended.
 fn abort_cause(state: &SockState, old: u32, errno: u32) -> ClosedBy {
-    if state.flags & SOCK_RESET_IN != 0 {
+    const EPIPE: u32 = 32;
+    const ECONNABORTED: u32 = 103;
+    const ECONNRESET: u32 = 104;
+    // Before CLOSE is traced only tcp_reset() sets these two: a peer's RST, even
+    // on a connection whose reset event found no state (it predates the agent).
+    if state.flags & SOCK_RESET_IN != 0 || matches!(errno, ECONNRESET | EPIPE) {
         ClosedBy::ResetPeer
+    } else if errno == ECONNABORTED {
+        // An administrator killed it (`ss -K`).
+        ClosedBy::ResetLocal
     } else if errno != 0 {
         ClosedBy::Timeout
     } else if matches!(old, TCP_ESTABLISHED | TCP_SYN_RECV | TCP_CLOSE_WAIT) {
@@ -316,6 +326,17 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
             state.first_close_ns = now;
             state.closed_by = cause as u32;
         }
+    }
+    // The process closed a connection its peer had closed, with unread data:
+    // straight from CLOSE_WAIT to CLOSE (and a RST out), still the end of its
+    // CLOSE_WAIT.
+    if old == TCP_CLOSE_WAIT
+        && state.flags & (SOCK_RESET_IN | SOCK_CLOSE_WAIT_DONE) == 0
+        && state.closed_by == ClosedBy::Peer as u32
+        && errno == 0
+    {
+        state.flags |= SOCK_CLOSE_WAIT_DONE;
+        state.close_wait_ns = now - state.first_close_ns;
     }
     let _ = CLOSE_WAITS.remove(sock.0);
     if state.role == ROLE_SERVER && state.flags & SOCK_OPEN_EMITTED == 0 {

@@ -29,7 +29,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use tracer_common::tcp::{TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED};
+use tracer_common::tcp::{TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_SENT};
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
@@ -42,6 +42,8 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
         reuse::peer_closed(sk);
     } else if new as u32 == TCP_CLOSE {
         traffic::on_close(sk);
+    } else if new as u32 == TCP_SYN_SENT {
+        traffic::on_connect(sk);
     }
     0
 }
@@ -110,9 +112,18 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let tp = globals::tp_offsets();
+    if tp.retransmit_err != 0 {
+        // SAFETY: offset from the tracefs format file.
+        match unsafe { ctx.read_at::<i32>(tp.retransmit_err as usize) } {
+            Ok(0) => {}
+            // The segment could not go out (still queued, no memory): no
+            // retransmission happened.
+            _ => return 0,
+        }
+    }
     // SAFETY: offset from the tracefs format file.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().retransmit_skaddr as usize) }
-    {
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(tp.retransmit_skaddr as usize) } {
         let _ = resets::on_retransmit(sk);
     }
     0

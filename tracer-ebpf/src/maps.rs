@@ -30,6 +30,12 @@ pub static CONNECTS: LruHashMap<u64, ConnectCall> = LruHashMap::with_max_entries
 pub static RECENTLY_CLOSED: LruHashMap<Endpoints, ClosedConn> =
     LruHashMap::with_max_entries(16_384, 0);
 
+/// Sockets whose connect() failure was reported from the state change, so that
+/// a later connect() on the same socket that only re-reads the failure (some
+/// event loops check non-blocking connects that way) reports nothing new.
+#[map]
+pub static FAILED_CONNECTS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4_096, 0);
+
 #[map]
 pub static CLOSE_WAITS: LruHashMap<u64, CloseWait> = LruHashMap::with_max_entries(65_536, 0);
 

@@ -2,8 +2,8 @@
 
 use tracer_common::{
     event::{
-        Endpoints, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE, RESET_IN, RESET_OUT, ROLE_UNKNOWN,
-        ResetEvent, RetransmitEvent,
+        Endpoints, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE, RESET_AWAITING_REPLY, RESET_IN,
+        RESET_OUT, ROLE_UNKNOWN, ResetEvent, RetransmitEvent,
     },
     state::{ClosedConn, Owner, SOCK_RESET_IN},
 };
@@ -50,6 +50,9 @@ fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
     } else {
         (0, 0)
     };
+    if flags & IDLE_KNOWN != 0 && sock.awaiting_reply().unwrap_or(false) {
+        flags |= RESET_AWAITING_REPLY;
+    }
     let conn = sock.endpoints()?;
     let (owner, closed) = owner(sock, &conn);
     let now = now_ns();

@@ -50,7 +50,9 @@ pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64>
     local.last_send_jiffies = jiffies32();
     local.flags |= LOCAL_SENT;
 
-    let stale = local.flags & (LOCAL_PEER_FIN | LOCAL_STALE_REPORTED) == LOCAL_PEER_FIN
+    // A server answering after its client half-closed is not reusing anything.
+    let stale = local.flags & (LOCAL_PEER_FIN | LOCAL_STALE_REPORTED | LOCAL_RESPONDER)
+        == LOCAL_PEER_FIN
         && (local
             .fin_write_seq
             .wrapping_sub(sock.write_seq()?.wrapping_sub(bytes)) as i32)

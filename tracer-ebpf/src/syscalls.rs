@@ -6,14 +6,14 @@ use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user};
 use tracer_common::{
     event::{ConnectErrorEvent, Endpoints, EventKind, ROLE_CLIENT, ROLE_SERVER},
     state::{ConnectCall, SOCK_OPEN_EMITTED},
-    tcp::{AF_INET, AF_INET6, IPPROTO_TCP},
+    tcp::{AF_INET, AF_INET6},
 };
 
 use crate::{
     emit::{current_owner, emit, header, now_ns},
     kernel::sock_from_fd,
     lifecycle::emit_open,
-    maps::{CONNECTS, SOCKS},
+    maps::{CONNECTS, FAILED_CONNECTS, SOCKS},
 };
 
 const EINTR: i64 = 4;
@@ -52,7 +52,7 @@ fn destination(uservaddr: u64) -> Result<Endpoints, i64> {
 
 pub fn on_connect_enter(fd: i32, uservaddr: u64) -> Result<(), i64> {
     let sock = sock_from_fd(fd)?;
-    if sock.protocol()? != IPPROTO_TCP {
+    if !sock.is_tcp()? {
         return Ok(());
     }
     let call = ConnectCall {
@@ -80,6 +80,7 @@ pub fn on_connect_exit(ret: i64) -> Result<(), i64> {
     // state change), or an interrupted one that carries on in the background.
     if ret >= 0
         || call.reported != 0
+        || FAILED_CONNECTS.get_ptr(call.sk).is_some()
         || matches!(errno, EINPROGRESS | EALREADY | EISCONN | EINTR)
         || errno > MAX_ERRNO
     {

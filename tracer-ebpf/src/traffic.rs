@@ -5,13 +5,13 @@
 
 use core::ffi::c_void;
 
-use tracer_common::tcp::IPPROTO_TCP;
+use tracer_common::state::{PoolKey, SockLocal};
 
 use crate::{exchange, kernel::Sock, local, reuse};
 
 pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
     let sock = Sock(sk as u64);
-    if sock.protocol()? != IPPROTO_TCP {
+    if !sock.is_tcp()? {
         return Ok(());
     }
     let Some(local) = local::storage(sk, true) else {
@@ -24,7 +24,7 @@ pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
 
 pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
     let sock = Sock(sk as u64);
-    if sock.protocol()? != IPPROTO_TCP {
+    if !sock.is_tcp()? {
         return Ok(());
     }
     let Some(local) = local::storage(sk, true) else {
@@ -33,6 +33,22 @@ pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
     local::classify(sock, local, 0)?;
     exchange::on_receive(local);
     Ok(())
+}
+
+/// The socket starts connecting: whatever its storage held belongs to an earlier
+/// connection (connect() again after AF_UNSPEC, or after a failure).
+pub fn on_connect(sk: *mut c_void) {
+    if let Some(local) = local::storage(sk, false) {
+        *local = SockLocal {
+            last_send_jiffies: 0,
+            flags: 0,
+            fin_write_seq: 0,
+            _pad: 0,
+            busy_since_ns: 0,
+            idle_since_ns: 0,
+            pool: PoolKey::default(),
+        };
+    }
 }
 
 /// The connection reached CLOSE: a request in progress is abandoned.

@@ -232,6 +232,7 @@ impl KernelBtf {
             skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr", 16)?,
             skc_net: sock("__sk_common.skc_net.net", 8)?,
             sk_protocol: sock("sk_protocol", 2)?,
+            sk_type: sock("sk_type", 2)?,
             sk_err: sock("sk_err", 4)?,
             sk_socket: sock("sk_socket", 8)?,
             sk_flags: sock("__sk_common.skc_flags", 8)?,

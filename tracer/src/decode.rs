@@ -10,7 +10,8 @@ use tracer_common::{
     COMM_LEN,
     event::{
         self as raw, CLOSE_AWAITING_REPLY, CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN,
-        CLOSE_WAIT_KNOWN, EventHeader, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE, REUSE_PEER_CLOSED,
+        CLOSE_WAIT_KNOWN, EventHeader, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE,
+        RESET_AWAITING_REPLY, REUSE_PEER_CLOSED,
     },
     tcp::{AF_INET, AF_INET6, state_name},
 };
@@ -79,6 +80,7 @@ impl Decoder {
                     since_close_ms: (e.flags & RESET_AFTER_CLOSE != 0)
                         .then(|| fractional_ms(e.since_close_ns)),
                     closed_by: (e.flags & RESET_AFTER_CLOSE != 0).then(|| closed_by(e.closed_by)),
+                    awaiting_reply: e.flags & RESET_AWAITING_REPLY != 0,
                 });
                 (e.conn, detail)
             }

@@ -108,6 +108,9 @@ pub struct Reset {
     pub since_close_ms: Option<f64>,
     /// With `since_close_ms`: how that connection had ended.
     pub closed_by: Option<ClosedBy>,
+    /// This side had sent the last payload and nothing had come back: a request
+    /// was outstanding when the RST came.
+    pub awaiting_reply: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -31,7 +31,8 @@ impl Default for SocketOwners {
         Self {
             table: HashMap::new(),
             scanned: None,
-            min_rescan: Duration::from_secs(2),
+            // A full pass reads every process's fd table: not more often.
+            min_rescan: Duration::from_secs(10),
         }
     }
 }
@@ -39,8 +40,16 @@ impl Default for SocketOwners {
 impl SocketOwners {
     /// Reads /proc now: call at start, while connections that predate the agent
     /// are still listed there.
+    /// Entries from earlier passes are kept (a connection whose process closed
+    /// its fd can still report a late event) until the table grows past a bound.
     pub fn refresh(&mut self) {
-        self.table = scan();
+        const MAX_ENTRIES: usize = 200_000;
+        let fresh = scan();
+        if self.table.len() + fresh.len() > MAX_ENTRIES {
+            self.table = fresh;
+        } else {
+            self.table.extend(fresh);
+        }
         self.scanned = Some(Instant::now());
     }
 

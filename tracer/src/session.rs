@@ -19,7 +19,7 @@ use crate::{
         self, CloseWaitEntry, DestinationKey,
         pools::{self, PoolCounters, PoolRef},
     },
-    event::{Event, Role},
+    event::Event,
     loader::{self, AttachReport, LoadError, Options},
     owners::SocketOwners,
 };
@@ -162,7 +162,10 @@ impl Session {
             match self.decoder.decode(&record) {
                 Ok(mut event) => {
                     self.events += 1;
-                    if event.pid == 0 && event.role == Role::Unknown {
+                    // The kernel met the connection in softirq with no owner on
+                    // record: one that predates the agent, or an accepted one
+                    // whose listener does.
+                    if event.pid == 0 {
                         fill_owner(&mut self.owners, &mut event);
                     }
                     out.push(event);

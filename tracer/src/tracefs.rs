@@ -170,6 +170,13 @@ impl Tracefs {
                 Err(e) => return Err(e),
             }
         }
+        // Newer kernels also trace retransmissions that failed to go out, with
+        // their error; those are not retransmissions on the wire.
+        if let Ok(format) = self.format("tcp", "tcp_retransmit_skb")
+            && let Ok(offset) = format.offset("err")
+        {
+            offsets.retransmit_err = offset;
+        }
         Ok(offsets)
     }
 }

@@ -240,7 +240,11 @@ pub struct Diagnoser {
     config: Config,
     destinations: LruCache<DestinationKey, ConnectionStats>,
     listeners: LruCache<ListenerKey, ConnectionStats>,
+    /// Live connections.
     connections: LruCache<ConnectionKey, ConnectionTrack>,
+    /// Connections that just closed: kept apart so that the live ones (which may
+    /// sit idle for minutes before a silent drop shows) are never evicted by them.
+    closed: LruCache<ConnectionKey, ConnectionTrack>,
     book: FindingBook,
 }
 
@@ -250,6 +254,7 @@ impl Diagnoser {
             destinations: LruCache::new(config.max_destinations),
             listeners: LruCache::new(config.max_destinations),
             connections: LruCache::new(config.max_connections),
+            closed: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             book: FindingBook::new(config.max_destinations),
             config,
         }
@@ -264,6 +269,10 @@ impl Diagnoser {
         let mut findings = Vec::new();
         match &event.detail {
             Detail::Open(open) => {
+                // A new connection on a 4-tuple used before starts afresh.
+                let key = connection(event);
+                self.connections.pop(&key);
+                self.closed.pop(&key);
                 let stats = self.stats(event);
                 stats.opened += 1;
                 if let Some(us) = open.connect_us {
@@ -315,8 +324,14 @@ impl Diagnoser {
         stats
     }
 
+    /// The live connection's track, or, for events that come just after its
+    /// close (on loopback a reuse event follows the close it caused), the track
+    /// it had.
     fn track(&mut self, event: &Event) -> &mut ConnectionTrack {
-        let key = (event.pid, event.lport, event.raddr, event.rport);
+        let key = connection(event);
+        if !self.connections.contains(&key) && self.closed.contains(&key) {
+            return self.closed.get_mut(&key).expect("checked above");
+        }
         self.connections
             .get_or_insert_mut(key, ConnectionTrack::default)
     }
@@ -356,7 +371,10 @@ impl Diagnoser {
             .unwrap_or(event.ts);
         let min_idle = self.config.min_idle;
         let track = self.track(event);
-        if close.closed_by == ClosedBy::ResetPeer && track.peer_end.is_none() {
+        if close.closed_by == ClosedBy::ResetPeer
+            && close.awaiting_reply
+            && track.peer_end.is_none()
+        {
             track.peer_end = Some((event.ts, PeerEnd::Reset));
         }
         if close.closed_by == ClosedBy::Peer && close.awaiting_reply && track.peer_end.is_none() {
@@ -368,6 +386,7 @@ impl Diagnoser {
         // a reset came back much later): the path dropped the flow.
         let track = self.track(event);
         let dropped = matches!(close.closed_by, ClosedBy::Timeout | ClosedBy::ResetPeer)
+            && close.awaiting_reply
             && track.retransmits_after_reuse > 0
             && !track.drop_counted
             && track
@@ -425,16 +444,24 @@ impl Diagnoser {
         if event.role == Role::Client && close.closed_by == ClosedBy::Peer {
             findings.extend(self.mismatch(event));
         }
+        let key = connection(event);
+        if let Some(track) = self.connections.pop(&key) {
+            self.closed.put(key, track);
+        }
     }
 
     fn on_reset(&mut self, event: &Event, reset: &Reset, findings: &mut Vec<Finding>) {
         match reset.direction {
-            Direction::In => {
+            // A reset while nothing was outstanding answered no request.
+            Direction::In if reset.awaiting_reply => {
                 let track = self.track(event);
                 track.peer_end = Some((event.ts, PeerEnd::Reset));
                 self.check_stale(event, findings);
             }
-            Direction::Out if reset.closed_by == Some(ClosedBy::Local) => {
+            Direction::In => {}
+            Direction::Out
+                if event.role == Role::Server && reset.closed_by == Some(ClosedBy::Local) =>
+            {
                 findings.extend(self.late_request(event, reset));
             }
             Direction::Out => {}
@@ -454,6 +481,10 @@ impl Diagnoser {
     /// A reuse that the peer answered with a reset or FIN within the window, or
     /// that went to a connection the peer had already closed.
     fn check_stale(&mut self, event: &Event, findings: &mut Vec<Finding>) {
+        // A server's sends are replies: it reuses nothing.
+        if event.role == Role::Server {
+            return;
+        }
         let min_idle = self.config.min_idle;
         let track = self.track(event);
         let Some((reused_at, reuse)) = track.reuse.clone() else {
@@ -768,6 +799,10 @@ impl Diagnoser {
     pub fn listeners(&self) -> impl Iterator<Item = (&ListenerKey, &ConnectionStats)> {
         self.listeners.iter()
     }
+}
+
+fn connection(event: &Event) -> ConnectionKey {
+    (event.pid, event.lport, event.raddr, event.rport)
 }
 
 fn destination(event: &Event) -> DestinationKey {

@@ -88,6 +88,7 @@ fn reset(direction: Direction, closed_by: Option<ClosedBy>) -> Detail {
         idle_ms: Some(0),
         since_close_ms: closed_by.map(|_| 500.0),
         closed_by,
+        awaiting_reply: direction == Direction::In,
     })
 }
 
@@ -259,6 +260,65 @@ fn a_reset_right_after_a_reuse_is_a_stale_reuse() {
 }
 
 #[test]
+fn a_reset_after_the_response_came_back_is_not_a_stale_reuse() {
+    // A 401 with `Connection: close` and an unread body ends in a RST, after the
+    // reply: the request did not fail for staleness.
+    let mut d = diagnoser();
+    let mut answered = reset(Direction::In, None);
+    if let Detail::Reset(r) = &mut answered {
+        r.awaiting_reply = false;
+    }
+    let findings = feed(
+        &mut d,
+        &[
+            client(0, 43_050, open()),
+            client(5_000, 43_050, reuse(4_900, false)),
+            client(5_030, 43_050, answered),
+        ],
+    );
+    assert!(findings.is_empty(), "{findings:#?}");
+}
+
+#[test]
+fn a_reused_port_starts_a_new_connection() {
+    let mut d = diagnoser();
+    let stale_on = |d: &mut Diagnoser, t: u64| {
+        feed(
+            d,
+            &[
+                client(t, 43_060, open()),
+                client(t + 5_000, 43_060, reuse(4_900, false)),
+                client(t + 5_010, 43_060, reset(Direction::In, None)),
+                client(
+                    t + 5_010,
+                    43_060,
+                    Detail::Close(close(ClosedBy::ResetPeer, 0)),
+                ),
+            ],
+        )
+    };
+    assert_eq!(kinds(&stale_on(&mut d, 0)), [FindingKind::StaleReuse]);
+    // The same local port to the same destination, a minute later.
+    assert_eq!(kinds(&stale_on(&mut d, 60_000)), [FindingKind::StaleReuse]);
+    assert_eq!(d.findings()[0].count, 2);
+}
+
+#[test]
+fn a_clients_reset_after_its_own_close_is_not_a_late_request() {
+    // The server sent late data to a client's TIME_WAIT remnant.
+    let mut d = diagnoser();
+    let findings = feed(
+        &mut d,
+        &[
+            client(0, 43_070, open()),
+            client(1_000, 43_070, Detail::Close(close(ClosedBy::Local, 900))),
+            client(1_500, 43_070, reset(Direction::Out, Some(ClosedBy::Local))),
+        ],
+    );
+    assert!(findings.is_empty(), "{findings:#?}");
+}
+
+#[test]
 fn a_reset_long_after_a_reuse_or_after_a_short_pause_is_not() {
     let mut d = diagnoser();
     let findings = feed(
@@ -348,6 +408,7 @@ fn unanswered_first_send_after_idle_is_a_silent_drop() {
     let mut d = diagnoser();
     let mut timeout = close(ClosedBy::Timeout, 0);
     timeout.error = Some("ETIMEDOUT".into());
+    timeout.awaiting_reply = true;
     let retransmit = || {
         Detail::Retransmit(Retransmit {
             state: "ESTABLISHED",
@@ -375,10 +436,38 @@ fn unanswered_first_send_after_idle_is_a_silent_drop() {
 }
 
 #[test]
+fn a_retransmission_that_recovered_is_no_silent_drop() {
+    // One retransmission, the response arrived, and a load balancer reset the
+    // connection a minute later: nothing was outstanding.
+    let mut d = diagnoser();
+    let mut reset_close = close(ClosedBy::ResetPeer, 60_000);
+    reset_close.error = Some("ECONNRESET".into());
+    let findings = feed(
+        &mut d,
+        &[
+            client(0, 45_050, open()),
+            client(5_000, 45_050, reuse(5_000, false)),
+            client(
+                5_200,
+                45_050,
+                Detail::Retransmit(Retransmit {
+                    state: "ESTABLISHED",
+                    idle_ms: Some(5_200),
+                    retransmits: 1,
+                }),
+            ),
+            client(65_000, 45_050, Detail::Close(reset_close)),
+        ],
+    );
+    assert!(findings.is_empty(), "{findings:#?}");
+}
+
+#[test]
 fn a_path_that_answers_with_a_reset_is_a_stale_reuse_not_a_silent_drop() {
     let mut d = diagnoser();
     let mut reset_close = close(ClosedBy::ResetPeer, 5_000);
     reset_close.error = Some("ECONNRESET".into());
+    reset_close.awaiting_reply = true;
     let findings = feed(
         &mut d,
         &[
