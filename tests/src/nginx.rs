@@ -128,6 +128,28 @@ impl Nginx {
         }
     }
 
+    /// nginx as a reverse proxy keeping up to 8 idle upstream connections to a
+    /// backend on `backend_port` (HTTP/1.1 with the Connection header cleared,
+    /// which upstream keep-alive needs).
+    pub fn reverse_proxy(backend_port: u16) -> Self {
+        Self::start_with(
+            r#"
+            upstream backend {
+                server 127.0.0.1:{backend};
+                keepalive 8;
+            }
+            server {
+                listen 127.0.0.1:{port};
+                location / {
+                    proxy_pass http://backend;
+                    proxy_http_version 1.1;
+                    proxy_set_header Connection "";
+                }
+            }"#,
+            &[("backend", backend_port)],
+        )
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

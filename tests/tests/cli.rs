@@ -136,3 +136,70 @@ fn clear_error_without_privileges() {
         "{stderr}"
     );
 }
+
+/// `tracer diagnose --format json` watches for its duration and prints one JSON
+/// report: the processes seen, their destinations and listeners.
+#[test]
+fn diagnose_prints_a_json_report_after_its_duration() {
+    require_root();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut agent = Command::new(tracer_bin());
+    agent
+        .args([
+            "diagnose",
+            "--duration",
+            "3s",
+            "--format",
+            "json",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut agent = Peer {
+        child: agent.spawn().expect("start tracer"),
+    };
+    let stderr = lines(agent.child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = next_line(&stderr, deadline, "the ready line");
+    assert!(ready.contains("tracing TCP connections"), "{ready}");
+    let server = thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.read_exact(&mut [0; 3]).unwrap();
+            stream.write_all(b"hello").unwrap();
+        }
+    });
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client.write_all(b"hey").unwrap();
+        client.read_exact(&mut [0; 5]).unwrap();
+    }
+    server.join().unwrap();
+    let mut output = String::new();
+    agent
+        .child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    assert!(agent.child.wait().unwrap().success());
+    let report: serde_json::Value =
+        serde_json::from_str(&output).unwrap_or_else(|e| panic!("not JSON ({e}): {output}"));
+    assert!(report["duration_s"].as_f64().unwrap() >= 3.0);
+    let me = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == std::process::id())
+        .expect("this test process in the report");
+    let destination = &me["destinations"][0];
+    assert_eq!(destination["rport"], port);
+    assert_eq!(destination["connections_opened"], 3);
+    let closed = &destination["closed"];
+    let ends = closed["local"].as_u64().unwrap() + closed["peer"].as_u64().unwrap();
+    assert_eq!(ends, 3, "{closed}");
+    assert_eq!(me["listeners"][0]["lport"], port);
+}

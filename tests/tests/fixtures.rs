@@ -143,22 +143,7 @@ fn keepalive_requests_closes_after_the_last_allowed_response() {
 #[test]
 fn nginx_proxies_to_the_backend_over_a_kept_alive_upstream_connection() {
     let backend = Backend::start_local(Duration::from_secs(1));
-    let nginx = Nginx::start_with(
-        r#"
-        upstream backend {
-            server 127.0.0.1:{backend};
-            keepalive 8;
-        }
-        server {
-            listen 127.0.0.1:{port};
-            location / {
-                proxy_pass http://backend;
-                proxy_http_version 1.1;
-                proxy_set_header Connection "";
-            }
-        }"#,
-        &[("backend", backend.port())],
-    );
+    let nginx = Nginx::reverse_proxy(backend.port());
     let mut pool = NaivePool::new(nginx.addr(), None);
     for _ in 0..3 {
         assert_eq!(ok_body(&nginx, pool.request("/")), Backend::body());

@@ -226,23 +226,7 @@ fn graceful_connection_close_is_not_a_mismatch() {
 #[test]
 fn reverse_proxy_relies_on_the_backend_to_close_idle_upstreams() {
     let backend = Backend::start_local(Duration::from_secs(1));
-    let nginx = Nginx::start_with(
-        r#"
-        upstream backend {
-            server 127.0.0.1:{backend};
-            keepalive 8;
-        }
-        server {
-            listen 127.0.0.1:{port};
-            keepalive_timeout 60s;
-            location / {
-                proxy_pass http://backend;
-                proxy_http_version 1.1;
-                proxy_set_header Connection "";
-            }
-        }"#,
-        &[("backend", backend.port())],
-    );
+    let nginx = Nginx::reverse_proxy(backend.port());
     let mut trace = Trace::start(Filter {
         comm: Some("nginx".into()),
         ..Filter::default()

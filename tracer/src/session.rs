@@ -75,43 +75,11 @@ impl Session {
     pub fn start(options: &Options) -> Result<Self, SessionError> {
         let jiffies = Jiffies::detect()?;
         let loader::Loaded { mut ebpf, report } = loader::load(options, jiffies)?;
-        let ring = ebpf
-            .take_map(MAP_EVENTS)
-            .ok_or(SessionError::MissingMap(MAP_EVENTS))?;
-        let ring = RingBuf::try_from(ring).map_err(|source| SessionError::Map {
-            name: MAP_EVENTS,
-            source,
-        })?;
-        let counters = ebpf
-            .take_map(MAP_COUNTERS)
-            .ok_or(SessionError::MissingMap(MAP_COUNTERS))?;
-        let counters = PerCpuArray::try_from(counters).map_err(|source| SessionError::Map {
-            name: MAP_COUNTERS,
-            source,
-        })?;
-        let close_waits = ebpf
-            .take_map(MAP_CLOSE_WAITS)
-            .ok_or(SessionError::MissingMap(MAP_CLOSE_WAITS))?;
-        let close_waits = HashMap::try_from(close_waits).map_err(|source| SessionError::Map {
-            name: MAP_CLOSE_WAITS,
-            source,
-        })?;
-        let pools = HashMap::try_from(
-            ebpf.take_map(MAP_POOLS)
-                .ok_or(SessionError::MissingMap(MAP_POOLS))?,
-        )
-        .map_err(|source| SessionError::Map {
-            name: MAP_POOLS,
-            source,
-        })?;
-        let listeners = HashMap::try_from(
-            ebpf.take_map(MAP_LISTENERS)
-                .ok_or(SessionError::MissingMap(MAP_LISTENERS))?,
-        )
-        .map_err(|source| SessionError::Map {
-            name: MAP_LISTENERS,
-            source,
-        })?;
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let close_waits = take_map(&mut ebpf, MAP_CLOSE_WAITS)?;
+        let pools = take_map(&mut ebpf, MAP_POOLS)?;
+        let listeners = take_map(&mut ebpf, MAP_LISTENERS)?;
         let mut owners = SocketOwners::default();
         owners.refresh();
         // SAFETY: the ring buffer owns its map fd and keeps it open for as long as
@@ -272,6 +240,15 @@ impl Session {
             untracked: counter(Counter::SockStateInsertFailed),
         }
     }
+}
+
+/// Takes map `name` out of the loaded object, typed.
+fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, SessionError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(SessionError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| SessionError::Map { name, source })
 }
 
 /// A connection the kernel met mid-life, in softirq: the process is found in /proc.

@@ -139,16 +139,7 @@ impl Diagnoser {
             let Some(stats) = self.destinations.peek_mut(&key) else {
                 continue;
             };
-            let sample = stats.history.sample(
-                now,
-                by_pool.get(&pool).copied(),
-                stats.open_now(),
-                stats.opened,
-                stats.closed_total(),
-            );
-            if let Some(sample) = sample {
-                stats.history.push(sample);
-            }
+            stats.record_sample(now, by_pool.get(&pool).copied());
             let saturation = saturation(&self.config, &key, stats, now);
             let churn = churn(&self.config, &key, stats, now, around);
             findings.extend(
@@ -162,16 +153,7 @@ impl Diagnoser {
         for key in listeners {
             let pool = PoolRef::Listener(key.clone());
             if let Some(stats) = self.listeners.peek_mut(&key) {
-                let sample = stats.history.sample(
-                    now,
-                    by_pool.get(&pool).copied(),
-                    stats.open_now(),
-                    stats.opened,
-                    stats.closed_total(),
-                );
-                if let Some(sample) = sample {
-                    stats.history.push(sample);
-                }
+                stats.record_sample(now, by_pool.get(&pool).copied());
             }
         }
         findings
@@ -259,6 +241,16 @@ impl Diagnoser {
             figures: Vec::new(),
         };
         self.book.update(finding, materiality)
+    }
+}
+
+impl ConnectionStats {
+    /// Adds the sample of the interval since the previous scan to the history.
+    fn record_sample(&mut self, now: SystemTime, counters: Option<&PoolCounters>) {
+        let (open, opened, closed) = (self.open_now(), self.opened, self.closed_total());
+        if let Some(sample) = self.history.sample(now, counters, open, opened, closed) {
+            self.history.push(sample);
+        }
     }
 }
 
