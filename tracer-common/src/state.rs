@@ -185,9 +185,16 @@ pub enum Counter {
     EventsLost = 0,
     /// An insert into `SOCKS` failed.
     SockStateInsertFailed = 1,
+    /// Entries put into `SOCKS`.
+    SockStateInserted = 2,
+    /// Entries removed from `SOCKS` (evictions are not seen).
+    SockStateRemoved = 3,
+    /// Not a count: the most data waiting in the ring buffer that this CPU saw
+    /// after writing an event, since userspace last reset it.
+    RingBufPendingPeak = 4,
 }
 
-pub const COUNTER_COUNT: u32 = 2;
+pub const COUNTER_COUNT: u32 = 5;
 
 const _: () = {
     assert!(size_of::<SockState>() == 80);

@@ -9,7 +9,7 @@ use tracer_common::{
 
 use crate::{
     globals::config,
-    maps::{EVENTS, count},
+    maps::{EVENTS, count, note_ring_buffer_fill},
 };
 
 /// The current task as the owner of a socket. Only meaningful in process context
@@ -80,6 +80,7 @@ pub fn emit<T: 'static>(owner: &Owner, conn: &Endpoints, build: impl FnOnce() ->
         Some(mut entry) => {
             entry.write(build());
             entry.submit(0);
+            note_ring_buffer_fill();
         }
         None => count(Counter::EventsLost),
     }

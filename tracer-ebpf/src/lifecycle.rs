@@ -94,7 +94,14 @@ fn insert(sk: u64, state: &SockState) -> Result<&'static mut SockState, i64> {
         count(Counter::SockStateInsertFailed);
         return Err(-1);
     }
+    count(Counter::SockStateInserted);
     lookup(sk)
+}
+
+fn forget(sk: u64) {
+    if SOCKS.remove(sk).is_ok() {
+        count(Counter::SockStateRemoved);
+    }
 }
 
 fn lookup(sk: u64) -> Result<&'static mut SockState, i64> {
@@ -239,7 +246,7 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
             }
         }
     }
-    let _ = SOCKS.remove(sock.0);
+    forget(sock.0);
     Ok(())
 }
 
@@ -387,6 +394,6 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
         _pad: 0,
     };
     let _ = RECENTLY_CLOSED.insert(conn, closed, 0);
-    let _ = SOCKS.remove(sock.0);
+    forget(sock.0);
     Ok(())
 }

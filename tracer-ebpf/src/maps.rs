@@ -51,6 +51,21 @@ pub static POOLS: LruHashMap<PoolKey, PoolStats> = LruHashMap::with_max_entries(
 pub static COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(tracer_common::state::COUNTER_COUNT, 0);
 
+/// Raises this CPU's `RingBufPendingPeak` to what the ring buffer holds now.
+#[inline(always)]
+pub fn note_ring_buffer_fill() {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if let Some(peak) = COUNTERS.get_ptr_mut(Counter::RingBufPendingPeak as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            if pending > *peak {
+                *peak = pending;
+            }
+        }
+    }
+}
+
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {

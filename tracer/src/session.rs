@@ -53,6 +53,9 @@ pub struct Stats {
     pub lost: u64,
     /// Sockets the kernel could not start tracking (socket table insert failed).
     pub untracked: u64,
+    /// Connections in the kernel's socket table now (inserted minus removed; LRU
+    /// evictions are not seen, so an upper bound).
+    pub tracked: u64,
 }
 
 pub struct Session {
@@ -159,7 +162,7 @@ impl Session {
         let now = WallClock::monotonic_now_ns();
         let mut entries = Vec::new();
         for item in self.close_waits.iter() {
-            let Ok((_, waiting)) = item else {
+            let Ok((sock, waiting)) = item else {
                 // The entry went away between listing and reading: its process
                 // closed it, which is the good outcome.
                 continue;
@@ -168,6 +171,7 @@ impl Session {
                 continue;
             };
             let mut entry = CloseWaitEntry {
+                sock,
                 pid: waiting.owner.pid,
                 comm: decode::comm(&waiting.owner.comm),
                 raddr,
@@ -238,7 +242,24 @@ impl Session {
             undecodable: self.undecodable,
             lost: counter(Counter::EventsLost),
             untracked: counter(Counter::SockStateInsertFailed),
+            tracked: counter(Counter::SockStateInserted)
+                .saturating_sub(counter(Counter::SockStateRemoved)),
         }
+    }
+
+    /// The most data that waited in the ring buffer since the previous call, as
+    /// the programs saw it after writing events; resets the peak.
+    pub fn take_ring_buffer_peak(&mut self) -> u64 {
+        let index = Counter::RingBufPendingPeak as u32;
+        let Ok(per_cpu) = self.counters.get(&index, 0) else {
+            return 0;
+        };
+        let peak = per_cpu.iter().copied().max().unwrap_or(0);
+        let zeros = vec![0u64; per_cpu.len()];
+        if let Ok(zeros) = aya::maps::PerCpuValues::try_from(zeros) {
+            let _ = self.counters.set(index, zeros, 0);
+        }
+        peak
     }
 }
 

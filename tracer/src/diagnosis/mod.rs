@@ -224,9 +224,26 @@ struct ConnectionTrack {
 /// A connection: process, local port, remote endpoint.
 type ConnectionKey = (u32, u16, IpAddr, u16);
 
+/// Something the metrics count every time it happens (findings themselves are
+/// reported only when they change materially).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Occurrence {
+    pub kind: FindingKind,
+    pub pid: u32,
+    pub comm: String,
+    /// Client side: the destination.
+    pub remote: Option<(IpAddr, u16)>,
+    /// Server side: the listening port.
+    pub lport: Option<u16>,
+    /// How much: 1 for an event, seconds for saturation, attempts for drops.
+    pub amount: f64,
+}
+
 /// One connection stuck in CLOSE_WAIT, from the kernel's table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CloseWaitEntry {
+    /// The kernel's identity of the socket, stable while it lives.
+    pub sock: u64,
     pub pid: u32,
     pub comm: String,
     pub raddr: IpAddr,
@@ -246,6 +263,9 @@ pub struct Diagnoser {
     /// sit idle for minutes before a silent drop shows) are never evicted by them.
     closed: LruCache<ConnectionKey, ConnectionTrack>,
     book: FindingBook,
+    occurrences: Vec<Occurrence>,
+    /// CLOSE_WAIT sockets already counted as leaks.
+    leaked: std::collections::HashSet<u64>,
 }
 
 impl Diagnoser {
@@ -256,12 +276,35 @@ impl Diagnoser {
             connections: LruCache::new(config.max_connections),
             closed: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             book: FindingBook::new(config.max_destinations),
+            occurrences: Vec::new(),
+            leaked: Default::default(),
             config,
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What happened since the previous call, for the metrics.
+    pub fn take_occurrences(&mut self) -> Vec<Occurrence> {
+        std::mem::take(&mut self.occurrences)
+    }
+
+    fn occurred(&mut self, kind: FindingKind, event: &Event, amount: f64) {
+        let (remote, lport) = if event.role == Role::Server {
+            (None, Some(event.lport))
+        } else {
+            (Some((event.raddr, event.rport)), None)
+        };
+        self.occurrences.push(Occurrence {
+            kind,
+            pid: event.pid,
+            comm: event.comm.clone(),
+            remote,
+            lport,
+            amount,
+        });
     }
 
     /// Takes in one event; returns the findings it made new or changed materially.
@@ -402,6 +445,7 @@ impl Diagnoser {
             let stats = self.stats(event);
             stats.silent_drops += 1;
             let count = stats.silent_drops;
+            self.occurred(FindingKind::SilentDrop, event, 1.0);
             let finding = Finding {
                 ts: event.ts,
                 event_type: "finding",
@@ -513,6 +557,7 @@ impl Diagnoser {
         let count = stats.stale_reuses;
         let peer_timeout = stats.peer_idle_timeout(jiffy);
         let max_idle = stats.reuse_idle.max().unwrap_or(reuse.idle_ms as f64);
+        self.occurred(FindingKind::StaleReuse, event, 1.0);
         let advice = match peer_timeout {
             Some(estimate) => format!(
                 "the peer closes connections idle for {}: close pooled connections idle \
@@ -652,6 +697,7 @@ impl Diagnoser {
     /// A server answered data on a connection it had closed with a reset: the
     /// client reused a connection this server had ended.
     fn late_request(&mut self, event: &Event, reset: &Reset) -> Option<Finding> {
+        self.occurred(FindingKind::LateRequestReset, event, 1.0);
         let jiffy = self.config.jiffy;
         let key = ListenerKey {
             pid: event.pid,
@@ -724,6 +770,21 @@ impl Diagnoser {
         let threshold = self.config.close_wait_threshold;
         let stuck: Vec<&CloseWaitEntry> =
             entries.iter().filter(|e| e.waiting >= threshold).collect();
+        // Each stuck connection counts once as a leak, while it lasts.
+        self.leaked
+            .retain(|sock| entries.iter().any(|e| e.sock == *sock));
+        for entry in &stuck {
+            if self.leaked.insert(entry.sock) {
+                self.occurrences.push(Occurrence {
+                    kind: FindingKind::CloseWaitLeak,
+                    pid: entry.pid,
+                    comm: entry.comm.clone(),
+                    remote: Some((entry.raddr, entry.rport)),
+                    lport: None,
+                    amount: 1.0,
+                });
+            }
+        }
         let mut per_destination: std::collections::BTreeMap<DestinationKey, Vec<&CloseWaitEntry>> =
             Default::default();
         let mut per_process: std::collections::HashMap<u32, u64> = Default::default();

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    ConnectionStats, DestinationKey, Diagnoser, ListenerKey, endpoint,
+    ConnectionStats, DestinationKey, Diagnoser, ListenerKey, Occurrence, endpoint,
     finding::{Finding, FindingKind, Materiality, Severity},
     human_ms,
 };
@@ -142,6 +142,17 @@ impl Diagnoser {
             stats.record_sample(now, by_pool.get(&pool).copied());
             let saturation = saturation(&self.config, &key, stats, now);
             let churn = churn(&self.config, &key, stats, now, around);
+            if saturation.is_some() {
+                let comm = stats.comm.clone();
+                self.occurrences.push(Occurrence {
+                    kind: FindingKind::PoolSaturation,
+                    pid: key.pid,
+                    comm,
+                    remote: Some((key.raddr, key.rport)),
+                    lport: None,
+                    amount: self.config.scan_interval.as_secs_f64(),
+                });
+            }
             findings.extend(
                 saturation
                     .into_iter()
@@ -177,8 +188,16 @@ impl Diagnoser {
             let history = &mut stats.listener;
             let full = sample.depth >= sample.limit && sample.limit > 0;
             history.peak_depth = history.peak_depth.max(sample.depth);
-            if full || sample.depth > 0 {
+            if (full || sample.depth > 0) && sample.netns_drops > 0 {
                 history.drops_while_full += sample.netns_drops;
+                self.occurrences.push(Occurrence {
+                    kind: FindingKind::AcceptQueueOverflow,
+                    pid: sample.pid,
+                    comm: sample.comm.clone(),
+                    remote: None,
+                    lport: Some(sample.lport),
+                    amount: sample.netns_drops as f64,
+                });
             }
             history.samples.push_back(sample.clone());
             if history.samples.len() > HISTORY {

@@ -484,6 +484,7 @@ fn a_path_that_answers_with_a_reset_is_a_stale_reuse_not_a_silent_drop() {
 fn close_wait_leaks_are_counted_per_destination_and_process() {
     let mut d = diagnoser();
     let entry = |lport: u16, rport: u16, waiting_s: u64| CloseWaitEntry {
+        sock: u64::from(lport),
         pid: CLIENT,
         comm: "leaky".into(),
         raddr: localhost(),
