@@ -11,7 +11,11 @@ use tracer::{loader::StateHook, output::Format};
 /// Needs root, or CAP_BPF and CAP_PERFMON. Linux 5.8 or newer with BTF
 /// (/sys/kernel/btf/vmlinux, or --btf).
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true)]
+#[command(
+    version,
+    propagate_version = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub kernel: KernelArgs,
@@ -20,9 +24,12 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// What to do; without one, `agent` with its defaults.
+    /// What to do; without one, `agent` (whose options can be given directly).
     #[command(subcommand)]
     pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,7 +84,7 @@ impl Default for DiagnosisArgs {
     }
 }
 
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Output format of findings (and events).
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -92,6 +99,27 @@ pub struct AgentArgs {
 
     #[command(flatten)]
     pub diagnosis: DiagnosisArgs,
+
+    /// Where to serve Prometheus metrics (/metrics) and the health check
+    /// (/healthz). Loopback by default; 19436 lies outside 9100-9999, the range
+    /// the Prometheus exporter port registry has handed out completely.
+    #[arg(long, default_value = "127.0.0.1:19436", value_name = "ADDR:PORT")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// A web configuration file in the format of Prometheus's exporter-toolkit,
+    /// enabling TLS (tls_server_config) and basic auth (basic_auth_users).
+    #[arg(long, value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
+
+    /// Destinations (and listening ports) per process with series of their own;
+    /// the rest are counted under remote="other" (port="other").
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub metrics_max_destinations: usize,
+
+    /// Processes with series of their own; the rest are counted under
+    /// comm="other".
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub metrics_max_processes: usize,
 }
 
 /// How the programs are loaded.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::{
-    cli::{AgentArgs, Cli, Command},
+    cli::{Cli, Command},
     commands::stream::{self, Show},
 };
 
@@ -33,21 +33,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let command = cli
-        .command
-        .unwrap_or_else(|| Command::Agent(AgentArgs::default()));
+    let command = cli.command.unwrap_or(Command::Agent(cli.agent));
     let result = runtime.block_on(async {
         match &command {
-            Command::Agent(args) => {
-                let show = Show {
-                    format: args.format,
-                    events: args.events,
-                    findings: true,
-                };
-                stream::run(&cli.kernel, &args.filter, &args.diagnosis, show, None)
-                    .await
-                    .map(drop)
-            }
+            Command::Agent(args) => commands::agent::run(&cli.kernel, args).await,
             Command::Trace(args) => {
                 let show = Show {
                     format: args.format,

@@ -12,9 +12,9 @@ use tracer_common::state::Owner;
 use crate::{
     decode,
     diagnosis::{
-        self, Diagnoser,
+        self, CloseWaitEntry, Diagnoser, Occurrence,
         finding::Finding,
-        pools::{ListenerSample, Surroundings},
+        pools::{ListenerSample, PoolCounters, Surroundings},
     },
     event::Event,
     listen_queue::{self, ListenCounters, ListenerQueue},
@@ -65,11 +65,31 @@ pub struct Pipeline {
 pub struct Batch {
     pub events: Vec<Event>,
     pub findings: Vec<Finding>,
+    /// What the metrics count each time it happens.
+    pub occurrences: Vec<Occurrence>,
+    /// What the latest periodic scan read, when one ran.
+    pub scan: Option<Scan>,
+}
+
+/// The kernel tables a periodic scan read.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub pools: Vec<PoolCounters>,
+    pub close_waits: Vec<CloseWaitEntry>,
+    /// The ring buffer's fill peak since the previous scan.
+    pub ring_buffer_peak: u64,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
         self.events.is_empty() && self.findings.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.events.clear();
+        self.findings.clear();
+        self.occurrences.clear();
+        self.scan = None;
     }
 }
 
@@ -152,6 +172,12 @@ impl Pipeline {
         batch
             .findings
             .extend(self.diagnoser.listener_scan(now, &listeners));
+        batch.occurrences.extend(self.diagnoser.take_occurrences());
+        batch.scan = Some(Scan {
+            pools: counters,
+            close_waits: waiting,
+            ring_buffer_peak: self.session.take_ring_buffer_peak(),
+        });
     }
 
     /// TIME_WAIT counts and port ranges for the destinations that churn.
@@ -271,5 +297,6 @@ impl Pipeline {
         for event in &batch.events[first..] {
             batch.findings.extend(self.diagnoser.observe(event));
         }
+        batch.occurrences.extend(self.diagnoser.take_occurrences());
     }
 }

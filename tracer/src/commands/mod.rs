@@ -1,3 +1,4 @@
+pub mod agent;
 pub mod diagnose;
 pub mod probe;
 pub mod stream;

@@ -24,18 +24,14 @@ pub struct Show {
     pub findings: bool,
 }
 
-/// Runs until SIGINT/SIGTERM or `duration`, then detaches, drains what the
-/// kernel had already written, and prints the one-line summary on stderr.
-/// Returns the pipeline, whose diagnosis the caller may report.
-pub async fn run(
+/// Loads the programs and says so on stderr.
+pub fn start(
     kernel: &KernelArgs,
     filter: &FilterArgs,
     diagnosis: &DiagnosisArgs,
-    show: Show,
-    duration: Option<Duration>,
 ) -> anyhow::Result<Pipeline> {
     let options = super::load_options(kernel, filter);
-    let mut pipeline = Pipeline::start(&options, super::diagnosis_config(diagnosis))
+    let pipeline = Pipeline::start(&options, super::diagnosis_config(diagnosis))
         .context("cannot start tracing")?;
     eprintln!(
         "tracer: tracing TCP connections ({}); Ctrl-C to stop",
@@ -44,7 +40,31 @@ pub async fn run(
     for degraded in &pipeline.session().report().degraded {
         log::warn!("{degraded}");
     }
+    Ok(pipeline)
+}
 
+/// Starts the pipeline and runs it: see [`run_pipeline`].
+pub async fn run(
+    kernel: &KernelArgs,
+    filter: &FilterArgs,
+    diagnosis: &DiagnosisArgs,
+    show: Show,
+    duration: Option<Duration>,
+) -> anyhow::Result<Pipeline> {
+    let pipeline = start(kernel, filter, diagnosis)?;
+    run_pipeline(pipeline, show, duration, |_, _| {}).await
+}
+
+/// Runs until SIGINT/SIGTERM or `duration`, handing every batch to `observe`
+/// before writing it, then detaches, drains what the kernel had already
+/// written, and prints the one-line summary on stderr. Returns the pipeline,
+/// whose diagnosis the caller may report.
+pub async fn run_pipeline(
+    mut pipeline: Pipeline,
+    show: Show,
+    duration: Option<Duration>,
+    mut observe: impl FnMut(&Pipeline, &Batch),
+) -> anyhow::Result<Pipeline> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
@@ -58,6 +78,7 @@ pub async fn run(
         tokio::select! {
             result = pipeline.next(&mut batch) => {
                 result?;
+                observe(&pipeline, &batch);
                 if let Err(e) = write(&mut writer, &show, &mut batch) {
                     break Err(e);
                 }
@@ -79,6 +100,7 @@ pub async fn run(
     };
 
     pipeline.finish(&mut batch);
+    observe(&pipeline, &batch);
     let flushed = outcome.and_then(|()| write(&mut writer, &show, &mut batch));
     eprintln!("{}", summary(&pipeline.stats()));
     match flushed {
@@ -95,6 +117,7 @@ fn write(
     batch: &mut Batch,
 ) -> io::Result<()> {
     if batch.is_empty() {
+        batch.clear();
         return Ok(());
     }
     if show.events {
@@ -107,8 +130,7 @@ fn write(
             writer.write_finding(finding)?;
         }
     }
-    batch.events.clear();
-    batch.findings.clear();
+    batch.clear();
     writer.flush()
 }
 

@@ -1,0 +1,847 @@
+//! The agent's Prometheus metrics (docs/metrics.md): one registry, updated from
+//! events, findings and the per-second scans, rendered for `/metrics`.
+//!
+//! Cardinality is bounded by [`budget::Budget`]: processes by command name and
+//! container, destinations and listening ports per process, the rest counted
+//! under `other`.
+
+mod budget;
+pub mod format;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicI64, AtomicU64},
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use self::budget::{Budget, ProcessLabels};
+use crate::{
+    diagnosis::{
+        CloseWaitEntry, Diagnoser, Occurrence, endpoint,
+        estimate::GRACEFUL_MS,
+        finding::{Finding, FindingKind},
+        pools::{PoolCounters, PoolRef},
+    },
+    event::{ClosedBy, Detail, Direction, Event, Role},
+    loader::AttachReport,
+    session::Stats,
+};
+
+pub use format::MetricsFormat;
+
+/// Settings of the metrics.
+#[derive(Clone, Debug)]
+pub struct MetricsOptions {
+    /// Destinations (and listening ports) with their own series per process.
+    pub max_destinations: usize,
+    /// Processes with their own series.
+    pub max_processes: usize,
+    /// Retransmissions after at least this much peer silence count as "after idle".
+    pub min_idle: Duration,
+    pub ring_buffer_bytes: u64,
+    pub tracked_limit: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    comm: String,
+    container: String,
+    pod_uid: String,
+    role: String,
+    remote: String,
+    port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    comm: String,
+    container: String,
+    pod_uid: String,
+    role: String,
+    remote: String,
+    port: String,
+    closed_by: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResetLabels {
+    comm: String,
+    container: String,
+    pod_uid: String,
+    role: String,
+    remote: String,
+    port: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemoteLabels {
+    comm: String,
+    container: String,
+    pod_uid: String,
+    remote: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrnoLabels {
+    comm: String,
+    container: String,
+    pod_uid: String,
+    remote: String,
+    errno: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortLabels {
+    comm: String,
+    container: String,
+    pod_uid: String,
+    port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FindingLabels {
+    comm: String,
+    container: String,
+    pod_uid: String,
+    kind: String,
+    severity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttachLabels {
+    state_hook: String,
+    reuse_hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+type SecondsHistogram<L> = Family<L, Histogram, fn() -> Histogram>;
+type SecondsGauge<L> = Family<L, Gauge<f64, AtomicU64>>;
+type CountGauge<L> = Family<L, Gauge<i64, AtomicI64>>;
+
+/// Idle times and timeouts span from milliseconds to an hour.
+fn idle_histogram() -> Histogram {
+    Histogram::new([
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 75.0, 90.0, 120.0, 300.0,
+        600.0, 1800.0, 3600.0,
+    ])
+}
+
+/// Handshakes and accept waits: 50 µs to about 3 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00005, 3.0, 11))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    options: MetricsOptions,
+    labels: Mutex<Budget>,
+    /// Kernel request counters at the previous scan, per pool.
+    last_requests: Mutex<HashMap<PoolRef, u64>>,
+    /// Label sets of the gauges set at the previous scan: those not set again
+    /// are removed, so a destination that went away leaves no stale value.
+    gauge_sets: Mutex<GaugeSets>,
+    agent_last: Mutex<Stats>,
+
+    connections_opened: Family<ConnLabels, Counter>,
+    connections_closed: Family<CloseLabels, Counter>,
+    idle_at_close: SecondsHistogram<CloseLabels>,
+    connect_duration: SecondsHistogram<RemoteLabels>,
+    connect_errors: Family<ErrnoLabels, Counter>,
+    resets: Family<ResetLabels, Counter>,
+    retransmits_after_idle: Family<RemoteLabels, Counter>,
+
+    peer_idle_timeout: SecondsGauge<RemoteLabels>,
+    local_idle_timeout: SecondsGauge<ConnLabels>,
+    stale_reuses: Family<RemoteLabels, Counter>,
+    idle_timeout_mismatches: Family<RemoteLabels, Counter>,
+    silent_drops: Family<RemoteLabels, Counter>,
+    close_wait_connections: CountGauge<RemoteLabels>,
+    close_wait_leaks: Family<RemoteLabels, Counter>,
+    late_request_resets: Family<PortLabels, Counter>,
+
+    pool_connections: CountGauge<RemoteLabels>,
+    pool_busy: CountGauge<RemoteLabels>,
+    pool_requests: Family<RemoteLabels, Counter>,
+    pool_saturated: Family<RemoteLabels, Counter<f64, AtomicU64>>,
+    listen_depth: CountGauge<PortLabels>,
+    listen_limit: CountGauge<PortLabels>,
+    listen_drops: Family<PortLabels, Counter>,
+    accept_wait: SecondsHistogram<PortLabels>,
+
+    findings: Family<FindingLabels, Counter>,
+
+    events: Counter,
+    events_lost: Counter,
+    events_undecodable: Counter,
+    ringbuf_pending: Gauge,
+    tracked: Gauge,
+    untracked: Counter,
+}
+
+#[derive(Default)]
+struct GaugeSets {
+    peer_idle_timeout: HashSet<RemoteLabels>,
+    local_idle_timeout: HashSet<ConnLabels>,
+    close_wait: HashSet<RemoteLabels>,
+    pool_connections: HashSet<RemoteLabels>,
+    listen: HashSet<PortLabels>,
+}
+
+impl Metrics {
+    pub fn new(options: MetricsOptions, attach: &AttachReport) -> Self {
+        let mut registry = Registry::with_prefix("tcptracer");
+        let metrics = Self {
+            labels: Mutex::new(Budget::new(options.max_processes, options.max_destinations)),
+            last_requests: Mutex::default(),
+            gauge_sets: Mutex::default(),
+            agent_last: Mutex::default(),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            idle_at_close: Family::new_with_constructor(idle_histogram),
+            connect_duration: Family::new_with_constructor(latency_histogram),
+            connect_errors: Family::default(),
+            resets: Family::default(),
+            retransmits_after_idle: Family::default(),
+            peer_idle_timeout: Family::default(),
+            local_idle_timeout: Family::default(),
+            stale_reuses: Family::default(),
+            idle_timeout_mismatches: Family::default(),
+            silent_drops: Family::default(),
+            close_wait_connections: Family::default(),
+            close_wait_leaks: Family::default(),
+            late_request_resets: Family::default(),
+            pool_connections: Family::default(),
+            pool_busy: Family::default(),
+            pool_requests: Family::default(),
+            pool_saturated: Family::default(),
+            listen_depth: Family::default(),
+            listen_limit: Family::default(),
+            listen_drops: Family::default(),
+            accept_wait: Family::new_with_constructor(latency_histogram),
+            findings: Family::default(),
+            events: Counter::default(),
+            events_lost: Counter::default(),
+            events_undecodable: Counter::default(),
+            ringbuf_pending: Gauge::default(),
+            tracked: Gauge::default(),
+            untracked: Counter::default(),
+            options,
+            registry: Registry::default(),
+        };
+        let m = &metrics;
+        let r = &mut registry;
+        r.register(
+            "connections_opened",
+            "Connections that reached ESTABLISHED (clients) or were accepted (servers)",
+            m.connections_opened.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections that reached CLOSE, by who ended them",
+            m.connections_closed.clone(),
+        );
+        r.register("connection_idle_at_close_seconds", "How long a connection had carried no payload when the first FIN or RST was sent or received", m.idle_at_close.clone());
+        r.register(
+            "connect_duration_seconds",
+            "SYN to ESTABLISHED, for connections this host opened",
+            m.connect_duration.clone(),
+        );
+        r.register(
+            "connect_errors",
+            "connect() failures by errno",
+            m.connect_errors.clone(),
+        );
+        r.register(
+            "resets",
+            "RSTs received and sent on connections",
+            m.resets.clone(),
+        );
+        r.register(
+            "retransmits_after_idle",
+            "Retransmissions on connections whose peer had been silent for at least --min-idle",
+            m.retransmits_after_idle.clone(),
+        );
+        r.register(
+            "peer_idle_timeout_seconds",
+            "The destination's idle timeout, inferred from when it closed idle connections",
+            m.peer_idle_timeout.clone(),
+        );
+        r.register(
+            "local_idle_timeout_seconds",
+            "This process's own idle timeout, inferred from its closes of idle connections",
+            m.local_idle_timeout.clone(),
+        );
+        r.register(
+            "stale_reuses",
+            "Requests sent on connections the peer had already closed",
+            m.stale_reuses.clone(),
+        );
+        r.register(
+            "idle_timeout_mismatches",
+            "Idle pooled connections the destination closed: each is a race with the next request",
+            m.idle_timeout_mismatches.clone(),
+        );
+        r.register(
+            "silent_drops",
+            "Idle flows the network path dropped",
+            m.silent_drops.clone(),
+        );
+        r.register(
+            "close_wait_connections",
+            "Connections now in CLOSE_WAIT: the peer closed, the process has not",
+            m.close_wait_connections.clone(),
+        );
+        r.register(
+            "close_wait_leaks",
+            "Connections that stayed in CLOSE_WAIT longer than --close-wait-threshold",
+            m.close_wait_leaks.clone(),
+        );
+        r.register(
+            "late_request_resets",
+            "Requests that reached a server after it had closed the connection",
+            m.late_request_resets.clone(),
+        );
+        r.register(
+            "pool_connections",
+            "Open connections of the process to the destination",
+            m.pool_connections.clone(),
+        );
+        r.register(
+            "pool_busy_connections",
+            "Open connections with a request in progress",
+            m.pool_busy.clone(),
+        );
+        r.register(
+            "pool_requests",
+            "Requests sent to the destination",
+            m.pool_requests.clone(),
+        );
+        r.register(
+            "pool_saturated_seconds",
+            "Time every connection of the pool was busy with requests queued",
+            m.pool_saturated.clone(),
+        );
+        r.register(
+            "listen_queue_depth",
+            "Connections waiting to be accepted",
+            m.listen_depth.clone(),
+        );
+        r.register(
+            "listen_queue_limit",
+            "The accept queue's limit (the listen backlog)",
+            m.listen_limit.clone(),
+        );
+        r.register("listen_drops", "Connection attempts the network namespace dropped while this listener's queue was not empty", m.listen_drops.clone());
+        r.register(
+            "accept_wait_seconds",
+            "Handshake completed to accept() returned the connection",
+            m.accept_wait.clone(),
+        );
+        r.register(
+            "findings",
+            "Findings reported: when one first holds, and when its evidence changes materially",
+            m.findings.clone(),
+        );
+        r.register("events", "Events read from the kernel", m.events.clone());
+        r.register(
+            "events_lost",
+            "Events the kernel could not write (ring buffer full)",
+            m.events_lost.clone(),
+        );
+        r.register(
+            "events_undecodable",
+            "Ring-buffer records that did not decode",
+            m.events_undecodable.clone(),
+        );
+        r.register(
+            "ringbuf_pending_bytes",
+            "The most data waiting in the ring buffer since the previous scan",
+            m.ringbuf_pending.clone(),
+        );
+        let ringbuf_size: Gauge = Gauge::default();
+        ringbuf_size.set(m.options.ring_buffer_bytes as i64);
+        r.register("ringbuf_size_bytes", "The ring buffer's size", ringbuf_size);
+        r.register(
+            "tracked_connections",
+            "Connections in the kernel's socket table (an upper bound)",
+            m.tracked.clone(),
+        );
+        let tracked_limit: Gauge = Gauge::default();
+        tracked_limit.set(m.options.tracked_limit as i64);
+        r.register(
+            "tracked_connections_limit",
+            "The kernel socket table's capacity (--max-connections)",
+            tracked_limit,
+        );
+        r.register(
+            "untracked_connections",
+            "Connections the kernel socket table could not take",
+            m.untracked.clone(),
+        );
+        let attach_info: Family<AttachLabels, Gauge> = Family::default();
+        attach_info
+            .get_or_create(&AttachLabels {
+                state_hook: attach.state_mode.to_string(),
+                reuse_hook: if attach
+                    .attached
+                    .iter()
+                    .any(|a| a.contains("sock_send_length"))
+                {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+            })
+            .set(1);
+        r.register(
+            "attach_info",
+            "How the kernel programs are attached (always 1)",
+            attach_info,
+        );
+        let build_info: Family<BuildLabels, Gauge> = Family::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        r.register("build_info", "The agent's version (always 1)", build_info);
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The metrics in `format`, for `/metrics`.
+    pub fn render(&self, format: MetricsFormat) -> Vec<u8> {
+        format::render(&self.registry, format)
+    }
+
+    fn process(&self, pid: u32, comm: &str) -> ProcessLabels {
+        self.labels
+            .lock()
+            .expect("metrics labels")
+            .process(pid, comm)
+    }
+
+    fn remote(&self, process: &ProcessLabels, addr: IpAddr, port: u16) -> String {
+        self.labels
+            .lock()
+            .expect("metrics labels")
+            .remote(process, endpoint(addr, port))
+    }
+
+    fn port(&self, process: &ProcessLabels, port: u16) -> String {
+        self.labels
+            .lock()
+            .expect("metrics labels")
+            .port(process, port)
+    }
+
+    fn remote_labels(&self, pid: u32, comm: &str, addr: IpAddr, port: u16) -> RemoteLabels {
+        let process = self.process(pid, comm);
+        let remote = self.remote(&process, addr, port);
+        RemoteLabels {
+            comm: process.comm,
+            container: process.container,
+            pod_uid: process.pod_uid,
+            remote,
+        }
+    }
+
+    fn port_labels(&self, pid: u32, comm: &str, lport: u16) -> PortLabels {
+        let process = self.process(pid, comm);
+        let port = self.port(&process, lport);
+        PortLabels {
+            comm: process.comm,
+            container: process.container,
+            pod_uid: process.pod_uid,
+            port,
+        }
+    }
+
+    /// Connection labels: client connections by destination, accepted ones by
+    /// listening port (their remote ports are ephemeral).
+    fn conn_labels(&self, event: &Event) -> ConnLabels {
+        let process = self.process(event.pid, &event.comm);
+        let (remote, port) = match event.role {
+            Role::Server => (String::new(), self.port(&process, event.lport)),
+            _ => (
+                self.remote(&process, event.raddr, event.rport),
+                String::new(),
+            ),
+        };
+        ConnLabels {
+            comm: process.comm,
+            container: process.container,
+            pod_uid: process.pod_uid,
+            role: role_name(event.role).into(),
+            remote,
+            port,
+        }
+    }
+
+    pub fn observe_event(&self, event: &Event) {
+        match &event.detail {
+            Detail::Open(open) => {
+                self.connections_opened
+                    .get_or_create(&self.conn_labels(event))
+                    .inc();
+                if let Some(us) = open.connect_us {
+                    self.connect_duration
+                        .get_or_create(&self.remote_labels(
+                            event.pid,
+                            &event.comm,
+                            event.raddr,
+                            event.rport,
+                        ))
+                        .observe(us as f64 / 1e6);
+                }
+                if let Some(us) = open.accept_wait_us {
+                    self.accept_wait
+                        .get_or_create(&self.port_labels(event.pid, &event.comm, event.lport))
+                        .observe(us as f64 / 1e6);
+                }
+            }
+            Detail::Close(close) => {
+                let conn = self.conn_labels(event);
+                let labels = CloseLabels {
+                    comm: conn.comm,
+                    container: conn.container,
+                    pod_uid: conn.pod_uid,
+                    role: conn.role,
+                    remote: conn.remote,
+                    port: conn.port,
+                    closed_by: closed_by_name(close.closed_by).into(),
+                };
+                self.connections_closed.get_or_create(&labels).inc();
+                if let Some(idle) = close.idle_ms {
+                    self.idle_at_close
+                        .get_or_create(&labels)
+                        .observe(idle as f64 / 1000.0);
+                    // The race window of idle_timeout_mismatch: the destination
+                    // closed an idle connection this process opened.
+                    if event.role == Role::Client
+                        && close.closed_by == ClosedBy::Peer
+                        && !close.awaiting_reply
+                        && idle as f64 >= GRACEFUL_MS
+                    {
+                        self.idle_timeout_mismatches
+                            .get_or_create(&self.remote_labels(
+                                event.pid,
+                                &event.comm,
+                                event.raddr,
+                                event.rport,
+                            ))
+                            .inc();
+                    }
+                }
+            }
+            Detail::Reset(reset) => {
+                let conn = self.conn_labels(event);
+                let labels = ResetLabels {
+                    comm: conn.comm,
+                    container: conn.container,
+                    pod_uid: conn.pod_uid,
+                    role: conn.role,
+                    remote: conn.remote,
+                    port: conn.port,
+                    direction: match reset.direction {
+                        Direction::In => "in".into(),
+                        Direction::Out => "out".into(),
+                    },
+                };
+                self.resets.get_or_create(&labels).inc();
+            }
+            Detail::Retransmit(retransmit) => {
+                let after_idle = retransmit
+                    .idle_ms
+                    .is_some_and(|ms| Duration::from_millis(ms) >= self.options.min_idle);
+                if after_idle && event.role != Role::Server {
+                    self.retransmits_after_idle
+                        .get_or_create(&self.remote_labels(
+                            event.pid,
+                            &event.comm,
+                            event.raddr,
+                            event.rport,
+                        ))
+                        .inc();
+                }
+            }
+            Detail::ConnectError(error) => {
+                let remote = self.remote_labels(event.pid, &event.comm, event.raddr, event.rport);
+                let labels = ErrnoLabels {
+                    comm: remote.comm,
+                    container: remote.container,
+                    pod_uid: remote.pod_uid,
+                    remote: remote.remote,
+                    errno: error.error.clone(),
+                };
+                self.connect_errors.get_or_create(&labels).inc();
+            }
+            Detail::Reuse(_) => {}
+        }
+    }
+
+    pub fn observe_finding(&self, finding: &Finding) {
+        let process = self.process(finding.pid, &finding.comm);
+        let labels = FindingLabels {
+            comm: process.comm,
+            container: process.container,
+            pod_uid: process.pod_uid,
+            kind: finding.kind.name().into(),
+            severity: serde_json::to_value(finding.severity)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        };
+        self.findings.get_or_create(&labels).inc();
+    }
+
+    pub fn observe_occurrence(&self, occurrence: &Occurrence) {
+        let remote = |o: &Occurrence| {
+            o.remote
+                .map(|(addr, port)| self.remote_labels(o.pid, &o.comm, addr, port))
+        };
+        let port = |o: &Occurrence| o.lport.map(|port| self.port_labels(o.pid, &o.comm, port));
+        let amount = occurrence.amount;
+        match occurrence.kind {
+            FindingKind::StaleReuse => {
+                if let Some(labels) = remote(occurrence) {
+                    self.stale_reuses
+                        .get_or_create(&labels)
+                        .inc_by(amount as u64);
+                }
+            }
+            FindingKind::SilentDrop => {
+                if let Some(labels) = remote(occurrence) {
+                    self.silent_drops
+                        .get_or_create(&labels)
+                        .inc_by(amount as u64);
+                }
+            }
+            FindingKind::CloseWaitLeak => {
+                if let Some(labels) = remote(occurrence) {
+                    self.close_wait_leaks
+                        .get_or_create(&labels)
+                        .inc_by(amount as u64);
+                }
+            }
+            FindingKind::PoolSaturation => {
+                if let Some(labels) = remote(occurrence) {
+                    self.pool_saturated.get_or_create(&labels).inc_by(amount);
+                }
+            }
+            FindingKind::LateRequestReset => {
+                if let Some(labels) = port(occurrence) {
+                    self.late_request_resets
+                        .get_or_create(&labels)
+                        .inc_by(amount as u64);
+                }
+            }
+            FindingKind::AcceptQueueOverflow => {
+                if let Some(labels) = port(occurrence) {
+                    self.listen_drops
+                        .get_or_create(&labels)
+                        .inc_by(amount as u64);
+                }
+            }
+            FindingKind::IdleTimeoutMismatch
+            | FindingKind::ConnectionChurn
+            | FindingKind::PortExhaustion
+            | FindingKind::KeepaliveWorkerStarvation => {}
+        }
+    }
+
+    /// Gauges from the latest scan, the pools' request counters, and the
+    /// agent's own figures.
+    pub fn observe_scan(
+        &self,
+        diagnoser: &Diagnoser,
+        pools: &[PoolCounters],
+        close_waits: &[CloseWaitEntry],
+        stats: Stats,
+        ringbuf_peak: u64,
+    ) {
+        let jiffy = diagnoser.config().jiffy;
+        let mut seen = GaugeSets::default();
+        for (key, stats) in diagnoser.destinations() {
+            let labels = self.remote_labels(key.pid, &stats.comm, key.raddr, key.rport);
+            if let Some(estimate) = stats.peer_idle_timeout(jiffy) {
+                self.peer_idle_timeout
+                    .get_or_create(&labels)
+                    .set(estimate.timeout_ms / 1000.0);
+                seen.peer_idle_timeout.insert(labels.clone());
+            }
+            if let Some(estimate) = stats.local_idle_timeout(jiffy) {
+                let conn = ConnLabels {
+                    comm: labels.comm.clone(),
+                    container: labels.container.clone(),
+                    pod_uid: labels.pod_uid.clone(),
+                    role: role_name(stats.role.unwrap_or(Role::Unknown)).into(),
+                    remote: labels.remote.clone(),
+                    port: String::new(),
+                };
+                self.local_idle_timeout
+                    .get_or_create(&conn)
+                    .set(estimate.timeout_ms / 1000.0);
+                seen.local_idle_timeout.insert(conn);
+            }
+            if stats.role == Some(Role::Client) {
+                let busy = stats.history.samples.back().map_or(0, |s| s.busy);
+                // Several processes' destinations can fold into `other`: add up.
+                let first = seen.pool_connections.insert(labels.clone());
+                let open = self.pool_connections.get_or_create(&labels);
+                let busy_gauge = self.pool_busy.get_or_create(&labels);
+                if first {
+                    open.set(0);
+                    busy_gauge.set(0);
+                }
+                open.inc_by(stats.open_now() as i64);
+                busy_gauge.inc_by(busy as i64);
+            }
+        }
+        for (key, stats) in diagnoser.listeners() {
+            let labels = self.port_labels(key.pid, &stats.comm, key.lport);
+            if let Some(sample) = stats.listener.samples.back() {
+                self.listen_depth
+                    .get_or_create(&labels)
+                    .set(i64::from(sample.depth));
+                self.listen_limit
+                    .get_or_create(&labels)
+                    .set(i64::from(sample.limit));
+                seen.listen.insert(labels.clone());
+            }
+            if let Some(estimate) = stats.local_idle_timeout(jiffy) {
+                let conn = ConnLabels {
+                    comm: labels.comm.clone(),
+                    container: labels.container.clone(),
+                    pod_uid: labels.pod_uid.clone(),
+                    role: "server".into(),
+                    remote: String::new(),
+                    port: labels.port.clone(),
+                };
+                self.local_idle_timeout
+                    .get_or_create(&conn)
+                    .set(estimate.timeout_ms / 1000.0);
+                seen.local_idle_timeout.insert(conn);
+            }
+        }
+        for entry in close_waits {
+            let labels = self.remote_labels(entry.pid, &entry.comm, entry.raddr, entry.rport);
+            let gauge = self.close_wait_connections.get_or_create(&labels);
+            if seen.close_wait.insert(labels.clone()) {
+                gauge.set(0);
+            }
+            gauge.inc();
+        }
+        self.pool_request_deltas(pools, diagnoser);
+        self.forget_gauges(seen);
+
+        self.ringbuf_pending.set(ringbuf_peak as i64);
+        self.tracked.set(stats.tracked as i64);
+        let mut last = self.agent_last.lock().expect("agent stats");
+        self.events.inc_by(stats.events.saturating_sub(last.events));
+        self.events_lost
+            .inc_by(stats.lost.saturating_sub(last.lost));
+        self.events_undecodable
+            .inc_by(stats.undecodable.saturating_sub(last.undecodable));
+        self.untracked
+            .inc_by(stats.untracked.saturating_sub(last.untracked));
+        *last = stats;
+    }
+
+    fn pool_request_deltas(&self, pools: &[PoolCounters], diagnoser: &Diagnoser) {
+        let mut last = self.last_requests.lock().expect("pool counters");
+        for pool in pools {
+            let PoolRef::Destination(key) = &pool.pool else {
+                continue;
+            };
+            let before = last.insert(pool.pool.clone(), pool.requests).unwrap_or(0);
+            let delta = pool.requests.saturating_sub(before);
+            if delta == 0 {
+                continue;
+            }
+            let comm = diagnoser
+                .destinations()
+                .find(|(k, _)| *k == key)
+                .map(|(_, stats)| stats.comm.clone())
+                .unwrap_or_default();
+            self.pool_requests
+                .get_or_create(&self.remote_labels(key.pid, &comm, key.raddr, key.rport))
+                .inc_by(delta);
+        }
+        // Pools the kernel forgot (LRU) are forgotten here too.
+        let live: HashSet<&PoolRef> = pools.iter().map(|p| &p.pool).collect();
+        last.retain(|pool, _| live.contains(pool));
+    }
+
+    fn forget_gauges(&self, seen: GaugeSets) {
+        let mut previous = self.gauge_sets.lock().expect("gauge sets");
+        for gone in previous
+            .peer_idle_timeout
+            .difference(&seen.peer_idle_timeout)
+        {
+            self.peer_idle_timeout.remove(gone);
+        }
+        for gone in previous
+            .local_idle_timeout
+            .difference(&seen.local_idle_timeout)
+        {
+            self.local_idle_timeout.remove(gone);
+        }
+        for gone in previous.close_wait.difference(&seen.close_wait) {
+            self.close_wait_connections.remove(gone);
+        }
+        for gone in previous.pool_connections.difference(&seen.pool_connections) {
+            self.pool_connections.remove(gone);
+            self.pool_busy.remove(gone);
+        }
+        for gone in previous.listen.difference(&seen.listen) {
+            self.listen_depth.remove(gone);
+            self.listen_limit.remove(gone);
+        }
+        *previous = seen;
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Client => "client",
+        Role::Server => "server",
+        Role::Unknown => "unknown",
+    }
+}
+
+fn closed_by_name(closed_by: ClosedBy) -> &'static str {
+    match closed_by {
+        ClosedBy::Local => "local",
+        ClosedBy::Peer => "peer",
+        ClosedBy::ResetLocal => "reset_local",
+        ClosedBy::ResetPeer => "reset_peer",
+        ClosedBy::Timeout => "timeout",
+        ClosedBy::Unknown => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests;

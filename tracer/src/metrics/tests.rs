@@ -1,0 +1,177 @@
+//! Metrics from hand-built events, rendered and read back.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use super::*;
+use crate::{
+    diagnosis::{self, Diagnoser},
+    event::{Close, Open},
+};
+
+fn metrics(max_destinations: usize) -> Metrics {
+    Metrics::new(
+        MetricsOptions {
+            max_destinations,
+            max_processes: 100,
+            min_idle: Duration::from_millis(250),
+            ring_buffer_bytes: 8 << 20,
+            tracked_limit: 262_144,
+        },
+        &AttachReport {
+            state_mode: "tp_btf",
+            attached: vec!["tp_btf/sock_send_length".into()],
+            degraded: Vec::new(),
+        },
+    )
+}
+
+fn event(remote_port: u16, detail: Detail) -> Event {
+    Event {
+        ts: SystemTime::now(),
+        kind: detail.kind(),
+        pid: 0,
+        comm: "client".into(),
+        laddr: IpAddr::from([127, 0, 0, 1]),
+        lport: 40_000,
+        raddr: IpAddr::from([127, 0, 0, 1]),
+        rport: remote_port,
+        role: Role::Client,
+        detail,
+    }
+}
+
+fn peer_close(idle_ms: u64) -> Detail {
+    Detail::Close(Close {
+        duration_ms: Some(2000.0),
+        bytes_sent: 1,
+        bytes_received: 1,
+        closed_by: ClosedBy::Peer,
+        idle_ms: Some(idle_ms),
+        close_wait_ms: Some(0.1),
+        error: None,
+        awaiting_reply: false,
+        srtt_us: 10,
+        retransmits: 0,
+    })
+}
+
+fn text(m: &Metrics) -> String {
+    String::from_utf8(m.render(MetricsFormat::PrometheusText)).unwrap()
+}
+
+/// The value of the sample line starting with `prefix`.
+fn value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn connections_and_idle_closes_are_counted() {
+    let m = metrics(20);
+    let open = Detail::Open(Open {
+        connect_us: Some(80),
+        accept_wait_us: None,
+    });
+    m.observe_event(&event(8080, open));
+    m.observe_event(&event(8080, peer_close(1000)));
+    let text = text(&m);
+    let labels = "comm=\"client\",container=\"\",pod_uid=\"\",role=\"client\",remote=\"127.0.0.1:8080\",port=\"\"";
+    assert_eq!(
+        value(
+            &text,
+            &format!("tcptracer_connections_opened_total{{{labels}}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("tcptracer_connections_closed_total{{{labels},closed_by=\"peer\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "tcptracer_idle_timeout_mismatches_total{comm=\"client\",container=\"\",pod_uid=\"\",remote=\"127.0.0.1:8080\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        text.contains("# TYPE tcptracer_connections_opened_total counter"),
+        "{text}"
+    );
+    assert!(text.contains("tcptracer_connection_idle_at_close_seconds_bucket{"));
+    assert!(text.contains("tcptracer_build_info{version="));
+    assert!(!text.contains("# EOF"));
+}
+
+#[test]
+fn openmetrics_ends_with_eof() {
+    let m = metrics(20);
+    let text = String::from_utf8(m.render(MetricsFormat::OpenMetrics)).unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+}
+
+#[test]
+fn thousands_of_destinations_stay_within_the_budget() {
+    let m = metrics(20);
+    for port in 1..=5000 {
+        m.observe_event(&event(port, peer_close(1000)));
+    }
+    let text = text(&m);
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("tcptracer_connections_closed_total{"))
+        .count();
+    assert_eq!(series, 21, "20 destinations and `other`");
+    assert_eq!(
+        value(
+            &text,
+            "tcptracer_connections_closed_total{comm=\"client\",container=\"\",pod_uid=\"\",role=\"client\",remote=\"other\",port=\"\",closed_by=\"peer\"}"
+        ),
+        Some(4980.0)
+    );
+}
+
+#[test]
+fn inferred_timeouts_are_gauges_that_go_away_with_their_destination() {
+    let m = metrics(20);
+    let mut d = Diagnoser::new(diagnosis::Config::default());
+    for port in [41_000, 41_001, 41_002] {
+        let mut e = event(8080, peer_close(1000));
+        e.lport = port;
+        d.observe(&e);
+    }
+    m.observe_scan(&d, &[], &[], Stats::default(), 4096);
+    let text = text(&m);
+    assert_eq!(
+        value(
+            &text,
+            "tcptracer_peer_idle_timeout_seconds{comm=\"client\",container=\"\",pod_uid=\"\",remote=\"127.0.0.1:8080\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&text, "tcptracer_ringbuf_pending_bytes"),
+        Some(4096.0)
+    );
+    // A fresh diagnosis without that destination: the gauge is removed.
+    m.observe_scan(
+        &Diagnoser::new(diagnosis::Config::default()),
+        &[],
+        &[],
+        Stats::default(),
+        0,
+    );
+    assert!(!text_contains(&m, "tcptracer_peer_idle_timeout_seconds{"));
+}
+
+fn text_contains(m: &Metrics, needle: &str) -> bool {
+    text(m).contains(needle)
+}
