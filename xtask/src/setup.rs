@@ -22,6 +22,10 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "routers that drop or reset idle flows"),
     ("conntrack", "routers that forget idle flows"),
     ("python3", "small servers inside test namespaces"),
+    (
+        "prometheus",
+        "scrapes the agent in tests; promtool checks metrics and rules",
+    ),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -14,10 +14,10 @@
 //!   (rendering included), so a scraper that stops reading cannot hold a
 //!   connection either;
 //! - at most [`EndpointConfig::max_connections`] connections are served at once.
-//!   Further connections wait in the kernel's accept queue until one closes
-//!   (they are not refused): a burst of scrapers is served in turn, and since
-//!   the two timeouts bound how long any connection holds its slot, a waiting
-//!   client gets in within `header_timeout + request_timeout` at worst;
+//!   Further connections are not refused: they wait in the kernel's accept
+//!   queue until one closes, so a burst of scrapers is served in turn rather
+//!   than failed. The timeouts above free the slot of any idle or stalled
+//!   connection; only a client that keeps sending requests keeps its slot;
 //! - rendering and bcrypt run on tokio's blocking pool, never on the runtime's
 //!   thread (the agent runs a current-thread runtime);
 //! - an error on one connection is logged at debug level and ends only that
@@ -25,8 +25,12 @@
 //!
 //! TLS and basic authentication come from a web config file in the format of
 //! Prometheus's exporter-toolkit (`--web.config.file`); the `web_config`
-//! module says what of it is supported.
-//! With basic auth configured, every path, `/healthz` included, requires it.
+//! module says what of it is supported. With basic auth configured, every
+//! path, `/healthz` included, requires it.
+//!
+//! `/metrics` answers in OpenMetrics or the Prometheus text format as the
+//! `Accept` header asks, gzipped when `Accept-Encoding` allows (Prometheus
+//! always does). Every other path is a 404, every method but GET and HEAD a 405.
 
 mod web_config;
 
@@ -75,7 +79,8 @@ pub struct EndpointConfig {
     /// when the server starts waiting for them: on a new connection (after the
     /// TLS handshake, which has the same bound) or after the previous response
     /// on a keep-alive one. So it is also the idle timeout of keep-alive
-    /// connections.
+    /// connections (a scraper's Go client retries a GET whose idle connection
+    /// the server closed just as it was reused).
     pub header_timeout: Duration,
     /// How long one exchange may take once its headers have been read:
     /// rendering the metrics and writing the response to the client. Like Go's
@@ -306,7 +311,9 @@ impl Endpoint {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        accept_failed(e, &mut shutdown).await;
+                        if accept_failed(e, &mut shutdown).await {
+                            break;
+                        }
                         continue;
                     }
                 },
@@ -342,28 +349,32 @@ impl Endpoint {
 
 /// An accept() error. Those of one connection (it was reset before being
 /// accepted, ...) are skipped; running out of file descriptors or memory is
-/// waited out a little, as Go's net/http does, instead of spinning.
-async fn accept_failed(error: io::Error, shutdown: &mut Pin<&mut impl Future<Output = ()>>) {
+/// waited out a little, as Go's net/http does, instead of spinning. True when
+/// `shutdown` completed meanwhile (it must not be polled again).
+async fn accept_failed(
+    error: io::Error,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> bool {
     let exhausted = matches!(
         error.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     );
-    if exhausted {
-        log::warn!("metrics endpoint: cannot accept connections: {error}");
-        tokio::select! {
-            () = shutdown.as_mut() => {}
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    } else {
+    if !exhausted {
         debug!("metrics endpoint: accept: {error}");
+        return false;
+    }
+    log::warn!("metrics endpoint: cannot accept connections: {error}");
+    tokio::select! {
+        () = shutdown.as_mut() => true,
+        () = tokio::time::sleep(Duration::from_millis(100)) => false,
     }
 }
 
 fn log_panic(finished: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = finished {
-        if e.is_panic() {
-            debug!("metrics endpoint: a connection task panicked: {e}");
-        }
+    if let Err(e) = finished
+        && e.is_panic()
+    {
+        debug!("metrics endpoint: a connection task panicked: {e}");
     }
 }
 
@@ -478,18 +489,17 @@ async fn respond(shared: &Shared, request: Request<Incoming>) -> Response<Full<B
 async fn route(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     // Authentication first: an unauthenticated client learns nothing, not
     // even which paths exist.
-    if let Some(auth) = &shared.auth {
-        if !auth
+    if let Some(auth) = &shared.auth
+        && !auth
             .check(request.headers().get(header::AUTHORIZATION))
             .await
-        {
-            let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"tracer\""),
-            );
-            return response;
-        }
+    {
+        let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"tracer\""),
+        );
+        return response;
     }
     let path = request.uri().path();
     if path != "/metrics" && path != "/healthz" {
@@ -623,14 +633,14 @@ fn weighted_values(
             }
             let mut q = 1.0;
             for parameter in parts {
-                if let Some((key, weight)) = parameter.split_once('=') {
-                    if key.trim().eq_ignore_ascii_case("q") {
-                        q = weight
-                            .trim()
-                            .parse::<f32>()
-                            .ok()
-                            .filter(|q| (0.0..=1.0).contains(q))?;
-                    }
+                if let Some((key, weight)) = parameter.split_once('=')
+                    && key.trim().eq_ignore_ascii_case("q")
+                {
+                    q = weight
+                        .trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q))?;
                 }
             }
             Some((value, q))
