@@ -3,6 +3,14 @@
 
 use crate::COMM_LEN;
 
+/// `Config::state_source`: the `inet_sock_set_state` tracepoint (BTF or
+/// classic) reports every state change.
+pub const STATE_FROM_TRACEPOINT: u32 = 0;
+/// `Config::state_source`: a probe on `tcp_set_state` (fentry or kprobe)
+/// reports state changes; the tracepoint only reports sockets starting to
+/// listen, which `inet_csk_listen_start` does without `tcp_set_state`.
+pub const STATE_FROM_FUNCTION: u32 = 1;
+
 /// `Config::filters` bit: only sockets owned by `filter_pid`.
 pub const FILTER_PID: u32 = 1 << 0;
 /// `Config::filters` bit: only connections with `filter_port` at either end.
@@ -20,6 +28,9 @@ pub struct Config {
     pub _pad: u16,
     /// Sends after at least this many jiffies of idleness produce a reuse event.
     pub min_idle_jiffies: u32,
+    /// `STATE_FROM_*`: which programs report state changes.
+    pub state_source: u32,
+    pub _pad2: u32,
     /// NUL-padded command name.
     pub filter_comm: [u8; COMM_LEN],
 }
@@ -94,7 +105,7 @@ pub struct TracepointOffsets {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 32);
+    assert!(size_of::<Config>() == 40);
     assert!(size_of::<KernelOffsets>() == 33 * 4);
     assert!(size_of::<TracepointOffsets>() == 40);
 };

@@ -30,6 +30,10 @@ pub const GLOBAL_TP_OFFSETS: &str = "TP_OFFSETS";
 pub const PROG_SET_STATE_BTF: &str = "inet_sock_set_state_btf";
 /// `sock:inet_sock_set_state`: the classic tracepoint fallback.
 pub const PROG_SET_STATE_TP: &str = "inet_sock_set_state_tp";
+/// `fentry/tcp_set_state`: state changes through a BPF trampoline.
+pub const PROG_SET_STATE_FENTRY: &str = "tcp_set_state_fentry";
+/// `kprobe/tcp_set_state`: state changes through a kprobe.
+pub const PROG_SET_STATE_KPROBE: &str = "tcp_set_state_kprobe";
 pub const PROG_RECEIVE_RESET: &str = "tcp_receive_reset";
 pub const PROG_SEND_RESET: &str = "tcp_send_reset";
 pub const PROG_RETRANSMIT: &str = "tcp_retransmit_skb";

@@ -11,6 +11,8 @@ static CONFIG: Config = Config {
     filter_port: 0,
     _pad: 0,
     min_idle_jiffies: 0,
+    state_source: 0,
+    _pad2: 0,
     filter_comm: [0; 16],
 };
 

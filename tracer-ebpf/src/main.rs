@@ -26,24 +26,71 @@ mod traffic;
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, kprobe, tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
-use tracer_common::tcp::{TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_SYN_SENT};
+use tracer_common::{
+    config::STATE_FROM_TRACEPOINT,
+    tcp::{TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_SENT},
+};
+
+/// Whether the tracepoint flavours report this change: all of them, unless a
+/// probe on tcp_set_state does (then only the start of listening).
+#[inline(always)]
+fn tracepoint_reports(old: u32, new: u32) -> bool {
+    globals::config().state_source == STATE_FROM_TRACEPOINT
+        || (old == TCP_CLOSE && new == TCP_LISTEN)
+}
+
+/// A state change seen with a BTF-typed socket pointer (tp_btf, fentry): the
+/// lifecycle, plus what socket storage, which needs that pointer, keeps.
+#[inline(always)]
+fn typed_state_change(sk: *mut c_void, old: u32, new: u32) {
+    let _ = lifecycle::on_state_change(sk as u64, old, new);
+    if old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT {
+        reuse::peer_closed(sk);
+    } else if new == TCP_CLOSE {
+        traffic::on_close(sk);
+    } else if new == TCP_SYN_SENT {
+        traffic::on_connect(sk);
+    }
+}
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: *mut c_void = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    let _ = lifecycle::on_state_change(sk as u64, old as u32, new as u32);
-    // Only this flavour has the typed socket pointer socket storage needs.
-    if old as u32 == TCP_ESTABLISHED && new as u32 == TCP_CLOSE_WAIT {
-        reuse::peer_closed(sk);
-    } else if new as u32 == TCP_CLOSE {
-        traffic::on_close(sk);
-    } else if new as u32 == TCP_SYN_SENT {
-        traffic::on_connect(sk);
+    if tracepoint_reports(old as u32, new as u32) {
+        typed_state_change(sk, old as u32, new as u32);
+    }
+    0
+}
+
+/// tcp_set_state(sk, state) at entry: the socket still has its old state.
+#[fentry(function = "tcp_set_state")]
+pub fn tcp_set_state_fentry(ctx: FEntryContext) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let new: i32 = ctx.arg(1);
+    if let Ok(old) = kernel::Sock(sk as u64).state()
+        && old != new as u32
+    {
+        typed_state_change(sk, old, new as u32);
+    }
+    0
+}
+
+/// The same through a kprobe, for kernels without BPF trampolines (no socket
+/// storage there: no peer_closed flag on reuses).
+#[kprobe]
+pub fn tcp_set_state_kprobe(ctx: ProbeContext) -> u32 {
+    let (Some(sk), Some(new)) = (ctx.arg::<u64>(0), ctx.arg::<i32>(1)) else {
+        return 0;
+    };
+    if let Ok(old) = kernel::Sock(sk).state()
+        && old != new as u32
+    {
+        let _ = lifecycle::on_state_change(sk, old, new as u32);
     }
     0
 }
@@ -83,7 +130,9 @@ pub fn inet_sock_set_state_tp(ctx: TracePointContext) -> u32 {
             ctx.read_at::<i32>(tp.set_state_newstate as usize),
         )
     };
-    if let (Ok(sk), Ok(old), Ok(new)) = fields {
+    if let (Ok(sk), Ok(old), Ok(new)) = fields
+        && tracepoint_reports(old as u32, new as u32)
+    {
         let _ = lifecycle::on_state_change(sk, old as u32, new as u32);
     }
     0

@@ -11,11 +11,7 @@ use tracer::{loader::StateHook, output::Format};
 /// Needs root, or CAP_BPF and CAP_PERFMON. Linux 5.8 or newer with BTF
 /// (/sys/kernel/btf/vmlinux, or --btf).
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    propagate_version = true,
-    args_conflicts_with_subcommands = true
-)]
+#[command(version, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub kernel: KernelArgs,

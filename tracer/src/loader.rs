@@ -5,11 +5,11 @@ use std::{cell::OnceCell, fmt, path::PathBuf, time::Duration};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, KProbe, ProgramError, TracePoint},
 };
 use tracer_common::{
     COMM_LEN,
-    config::{Config, FILTER_COMM, FILTER_PID, FILTER_PORT},
+    config::{Config, FILTER_COMM, FILTER_PID, FILTER_PORT, STATE_FROM_FUNCTION},
     names::*,
 };
 
@@ -62,6 +62,10 @@ pub enum StateHook {
     BtfTracepoint,
     /// `sock:inet_sock_set_state` only.
     Tracepoint,
+    /// `fentry/tcp_set_state` (BPF trampoline), with the tracepoint for listen().
+    Fentry,
+    /// `kprobe/tcp_set_state`, with the tracepoint for listen().
+    Kprobe,
 }
 
 /// Which events the kernel emits. Filtering happens in the kernel, before the ring
@@ -158,6 +162,9 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     let tp_offsets = tracefs.tracepoint_offsets()?;
     let mut config = options.filter.config();
     config.min_idle_jiffies = jiffies.ceil_from(options.min_idle);
+    if matches!(options.state_hook, StateHook::Fentry | StateHook::Kprobe) {
+        config.state_source = STATE_FROM_FUNCTION;
+    }
 
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
@@ -281,14 +288,53 @@ fn attach_state_hook(
     tracefs: &Tracefs,
     report: &mut AttachReport,
 ) -> Result<(), LoadError> {
-    if options.state_hook != StateHook::Tracepoint {
+    let function_hook = match options.state_hook {
+        StateHook::Fentry => {
+            Some(btf_hooks.attach_fentry(ebpf, PROG_SET_STATE_FENTRY, "tcp_set_state"))
+        }
+        StateHook::Kprobe => Some(attach_kprobe(ebpf, PROG_SET_STATE_KPROBE, "tcp_set_state")),
+        _ => None,
+    };
+    if let Some(result) = function_hook {
+        result?;
+        let mode = if options.state_hook == StateHook::Fentry {
+            "fentry"
+        } else {
+            "kprobe"
+        };
+        report.attached.push(format!("{mode}/tcp_set_state"));
+        // listen() moves a socket to LISTEN without tcp_set_state: the
+        // tracepoint reports those (and, by the loaded configuration, only those).
+        attach_tracepoint_flavour(ebpf, StateHook::Auto, btf_hooks, tracefs, report)?;
+        report
+            .attached
+            .last_mut()
+            .expect("just attached")
+            .push_str(" (listen only)");
+        report.state_mode = mode;
+        return Ok(());
+    }
+    report.state_mode =
+        attach_tracepoint_flavour(ebpf, options.state_hook, btf_hooks, tracefs, report)?;
+    Ok(())
+}
+
+/// The BTF flavour of the state-change tracepoint, or the classic one: as
+/// `choice` allows and the kernel accepts. Returns the mode attached.
+fn attach_tracepoint_flavour(
+    ebpf: &mut Ebpf,
+    choice: StateHook,
+    btf_hooks: &BtfHooks,
+    tracefs: &Tracefs,
+    report: &mut AttachReport,
+) -> Result<&'static str, LoadError> {
+    if choice != StateHook::Tracepoint {
         match btf_hooks.attach(ebpf, PROG_SET_STATE_BTF, "inet_sock_set_state") {
             Ok(()) => {
-                report.state_mode = "tp_btf";
                 report.attached.push("tp_btf/inet_sock_set_state".into());
-                return Ok(());
+                return Ok("tp_btf");
             }
-            Err(e) if options.state_hook == StateHook::Auto => {
+            Err(e) if choice == StateHook::Auto => {
                 log::info!(
                     "tp_btf/inet_sock_set_state unavailable ({e:#}); using the classic tracepoint"
                 );
@@ -306,10 +352,65 @@ fn attach_state_hook(
         "inet_sock_set_state",
         tracefs,
     )?;
-    report.state_mode = "tracepoint";
     report
         .attached
         .push("tracepoint/sock:inet_sock_set_state".into());
+    Ok("tracepoint")
+}
+
+/// Whether fentry and kprobes on tcp_set_state would attach on this kernel
+/// (`tracer probe`): they are tried on the object `load` returned, which is
+/// dropped afterwards, detaching them.
+pub fn try_function_hooks(
+    loaded: &mut Loaded,
+    options: &Options,
+) -> Vec<(String, Result<(), String>)> {
+    let Ok(kernel_btf) = KernelBtf::load(options.btf.as_deref()) else {
+        return Vec::new();
+    };
+    let btf_hooks = BtfHooks {
+        kernel_btf: &kernel_btf,
+        parsed: OnceCell::new(),
+    };
+    let describe = |result: Result<(), LoadError>| {
+        result.map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        })
+    };
+    vec![
+        (
+            "fentry/tcp_set_state".into(),
+            describe(btf_hooks.attach_fentry(
+                &mut loaded.ebpf,
+                PROG_SET_STATE_FENTRY,
+                "tcp_set_state",
+            )),
+        ),
+        (
+            "kprobe/tcp_set_state".into(),
+            describe(attach_kprobe(
+                &mut loaded.ebpf,
+                PROG_SET_STATE_KPROBE,
+                "tcp_set_state",
+            )),
+        ),
+    ]
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, program: &'static str, function: &str) -> Result<(), LoadError> {
+    let attach_error = |source| LoadError::Attach {
+        hook: format!("kprobe/{function}"),
+        source,
+    };
+    let kprobe: &mut KProbe = program_mut(ebpf, program)?;
+    kprobe.load().map_err(attach_error)?;
+    kprobe.attach(function, 0).map_err(attach_error)?;
     Ok(())
 }
 
@@ -333,18 +434,38 @@ impl BtfHooks<'_> {
         if !self.kernel_btf.has_btf_tracepoint(tracepoint) {
             return Err(attach_error(ProgramError::UnexpectedProgramType));
         }
-        let btf = match self.parsed.get() {
-            Some(btf) => btf,
-            None => {
-                let btf = Btf::parse_file(self.kernel_btf.path(), aya::Endianness::default())
-                    .map_err(LoadError::AyaBtf)?;
-                self.parsed.get_or_init(|| btf)
-            }
-        };
+        let btf = self.btf()?;
         let program: &mut BtfTracePoint = program_mut(ebpf, program)?;
         program.load(tracepoint, btf).map_err(attach_error)?;
         program.attach().map_err(attach_error)?;
         Ok(())
+    }
+
+    /// An fentry program on kernel function `function`.
+    fn attach_fentry(
+        &self,
+        ebpf: &mut Ebpf,
+        program: &'static str,
+        function: &str,
+    ) -> Result<(), LoadError> {
+        let attach_error = |source| LoadError::Attach {
+            hook: format!("fentry/{function}"),
+            source,
+        };
+        let btf = self.btf()?;
+        let program: &mut FEntry = program_mut(ebpf, program)?;
+        program.load(function, btf).map_err(attach_error)?;
+        program.attach().map_err(attach_error)?;
+        Ok(())
+    }
+
+    fn btf(&self) -> Result<&Btf, LoadError> {
+        if let Some(btf) = self.parsed.get() {
+            return Ok(btf);
+        }
+        let btf = Btf::parse_file(self.kernel_btf.path(), aya::Endianness::default())
+            .map_err(LoadError::AyaBtf)?;
+        Ok(self.parsed.get_or_init(|| btf))
     }
 }
 

@@ -70,17 +70,25 @@ pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
             yes_no(present)
         );
     }
-    let kprobes = tracefs.as_ref().is_ok_and(Tracefs::has_kprobes);
-    println!("  {:<40} {} (not used)", "kprobes", yes_no(kprobes));
-    println!("  {:<40} not used", "fentry/fexit");
 
     // The real test: load and attach everything, as the agent would.
     let options = super::load_options(kernel, &FilterArgs::default());
-    let loaded =
+    let mut loaded =
         loader::load(&options, jiffies?).context("loading the programs as the agent would")?;
     println!("mode        {}", loaded.report);
     for hook in &loaded.report.attached {
         println!("  attached  {hook}");
+    }
+    for hook in &loaded.report.degraded {
+        println!("  degraded  {hook}");
+    }
+    // Not used unless asked for (--state-hook fentry|kprobe): are they offered?
+    println!("alternatives for state changes (--state-hook)");
+    for (hook, result) in loader::try_function_hooks(&mut loaded, &options) {
+        match result {
+            Ok(()) => println!("  {hook:<40} available"),
+            Err(e) => println!("  {hook:<40} refused: {e}"),
+        }
     }
     Ok(())
 }
