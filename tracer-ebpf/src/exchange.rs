@@ -6,7 +6,9 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use tracer_common::state::{GAP_BUCKETS, LOCAL_BUSY, LOCAL_RESPONDER, PoolStats, SockLocal};
 
-use crate::{emit::now_ns, maps::POOLS};
+use tracer_common::tcp::TCP_CLOSE;
+
+use crate::{emit::now_ns, kernel::Sock, maps::POOLS};
 
 /// Atomic add to a map value field that other CPUs update too. The BPF target
 /// offers no atomic read-modify-write types in `core`, but LLVM lowers the
@@ -52,8 +54,14 @@ fn stats(local: &SockLocal) -> Option<&'static mut PoolStats> {
 /// A request starts: the client sent after a response, or the server received
 /// after replying.
 #[inline(always)]
-fn start(local: &mut SockLocal) {
+fn start(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_BUSY != 0 {
+        return;
+    }
+    // A send on a connection the peer had reset during the call (a stale
+    // reuse, on loopback) finds it closed already: its CLOSE was counted, a
+    // request started now would never end.
+    if matches!(sock.state(), Ok(TCP_CLOSE) | Err(_)) {
         return;
     }
     let now = now_ns();
@@ -100,17 +108,17 @@ pub fn abandon(local: &mut SockLocal) {
     }
 }
 
-pub fn on_send(local: &mut SockLocal) {
+pub fn on_send(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_RESPONDER != 0 {
         finish(local);
     } else {
-        start(local);
+        start(sock, local);
     }
 }
 
-pub fn on_receive(local: &mut SockLocal) {
+pub fn on_receive(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_RESPONDER != 0 {
-        start(local);
+        start(sock, local);
     } else {
         finish(local);
     }

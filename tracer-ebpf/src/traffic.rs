@@ -18,7 +18,7 @@ pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
         return Ok(());
     };
     local::classify(sock, local, bytes as u64)?;
-    exchange::on_send(local);
+    exchange::on_send(sock, local);
     reuse::on_send(sock, local, bytes)
 }
 
@@ -31,7 +31,7 @@ pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
         return Ok(());
     };
     local::classify(sock, local, 0)?;
-    exchange::on_receive(local);
+    exchange::on_receive(sock, local);
     Ok(())
 }
 

@@ -144,6 +144,13 @@ pub struct KernelArgs {
     /// How state changes are hooked; `auto` prefers the BTF tracepoint.
     #[arg(long, global = true, value_enum, default_value_t = StateHook::Auto)]
     pub state_hook: StateHook,
+
+    /// The kernel's tick rate (CONFIG_HZ), which converts TCP's jiffy stamps to
+    /// time. Detected from /proc/config.gz, /boot/config-<release> or
+    /// /proc/timer_list; give it where none of those is readable (a container
+    /// without /boot mounted).
+    #[arg(long, global = true, value_name = "HZ", value_parser = clap::value_parser!(u32).range(24..=10_000))]
+    pub hz: Option<u32>,
 }
 
 #[derive(Debug, Args)]

@@ -110,6 +110,8 @@ pub struct Options {
     pub state_hook: StateHook,
     /// Sends after at least this much idleness are reported as reuses.
     pub min_idle: Duration,
+    /// CONFIG_HZ when the operator knows it; detected otherwise.
+    pub hz: Option<u32>,
 }
 
 impl Default for Options {
@@ -121,6 +123,7 @@ impl Default for Options {
             filter: Filter::default(),
             state_hook: StateHook::Auto,
             min_idle: Duration::from_millis(250),
+            hz: None,
         }
     }
 }

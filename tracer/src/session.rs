@@ -76,7 +76,10 @@ pub struct Session {
 impl Session {
     /// Loads and attaches the programs. Must run inside a tokio runtime.
     pub fn start(options: &Options) -> Result<Self, SessionError> {
-        let jiffies = Jiffies::detect()?;
+        let jiffies = match options.hz {
+            Some(hz) => Jiffies { hz },
+            None => Jiffies::detect()?,
+        };
         let loader::Loaded { mut ebpf, report } = loader::load(options, jiffies)?;
         let ring: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;

@@ -23,6 +23,7 @@ pub fn load_options(kernel: &KernelArgs, filter: &FilterArgs) -> Options {
         },
         state_hook: kernel.state_hook,
         min_idle: kernel.min_idle.into(),
+        hz: kernel.hz,
     }
 }
 

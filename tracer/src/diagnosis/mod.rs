@@ -397,7 +397,16 @@ impl Diagnoser {
                     stats.peer_close_idle.push(idle);
                 }
             }
-            (ClosedBy::Local, Some(idle)) => stats.local_close_idle.push(idle as f64),
+            // Closing right after a reply (a request limit, `Connection: close`)
+            // is no idle timeout, nor is a client giving up on a request. (A
+            // server's idle connections always end with its own reply, so
+            // `awaiting_reply` says nothing there.)
+            (ClosedBy::Local, Some(idle))
+                if idle as f64 >= GRACEFUL_MS
+                    && !(close.awaiting_reply && event.role != Role::Server) =>
+            {
+                stats.local_close_idle.push(idle as f64)
+            }
             _ => {}
         }
         if let Some(wait) = close.close_wait_ms {

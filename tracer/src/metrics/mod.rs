@@ -60,7 +60,7 @@ pub struct MetricsOptions {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnLabels {
     comm: String,
-    container: String,
+    container_id: String,
     pod_uid: String,
     role: String,
     remote: String,
@@ -70,7 +70,7 @@ struct ConnLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CloseLabels {
     comm: String,
-    container: String,
+    container_id: String,
     pod_uid: String,
     role: String,
     remote: String,
@@ -81,7 +81,7 @@ struct CloseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResetLabels {
     comm: String,
-    container: String,
+    container_id: String,
     pod_uid: String,
     role: String,
     remote: String,
@@ -92,7 +92,7 @@ struct ResetLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RemoteLabels {
     comm: String,
-    container: String,
+    container_id: String,
     pod_uid: String,
     remote: String,
 }
@@ -100,7 +100,7 @@ struct RemoteLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrnoLabels {
     comm: String,
-    container: String,
+    container_id: String,
     pod_uid: String,
     remote: String,
     errno: String,
@@ -109,7 +109,7 @@ struct ErrnoLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PortLabels {
     comm: String,
-    container: String,
+    container_id: String,
     pod_uid: String,
     port: String,
 }
@@ -117,10 +117,10 @@ struct PortLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FindingLabels {
     comm: String,
-    container: String,
+    container_id: String,
     pod_uid: String,
     kind: String,
-    severity: String,
+    finding_severity: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -462,7 +462,7 @@ impl Metrics {
         let remote = self.remote(&process, addr, port);
         RemoteLabels {
             comm: process.comm,
-            container: process.container,
+            container_id: process.container,
             pod_uid: process.pod_uid,
             remote,
         }
@@ -473,7 +473,7 @@ impl Metrics {
         let port = self.port(&process, lport);
         PortLabels {
             comm: process.comm,
-            container: process.container,
+            container_id: process.container,
             pod_uid: process.pod_uid,
             port,
         }
@@ -492,11 +492,35 @@ impl Metrics {
         };
         ConnLabels {
             comm: process.comm,
-            container: process.container,
+            container_id: process.container,
             pod_uid: process.pod_uid,
             role: role_name(event.role).into(),
             remote,
             port,
+        }
+    }
+
+    /// Creates the problem counters a new connection could raise at zero, so
+    /// that their first increment shows in `increase()` rather than being the
+    /// series' first sample (which rate functions cannot see grow).
+    fn zero_problem_counters(&self, event: &Event) {
+        match event.role {
+            Role::Server => {
+                let labels = self.port_labels(event.pid, &event.comm, event.lport);
+                self.late_request_resets.get_or_create(&labels).inc_by(0);
+                self.listen_drops.get_or_create(&labels).inc_by(0);
+            }
+            _ => {
+                let labels = self.remote_labels(event.pid, &event.comm, event.raddr, event.rport);
+                for family in [
+                    &self.stale_reuses,
+                    &self.idle_timeout_mismatches,
+                    &self.silent_drops,
+                    &self.close_wait_leaks,
+                ] {
+                    family.get_or_create(&labels).inc_by(0);
+                }
+            }
         }
     }
 
@@ -506,6 +530,7 @@ impl Metrics {
                 self.connections_opened
                     .get_or_create(&self.conn_labels(event))
                     .inc();
+                self.zero_problem_counters(event);
                 if let Some(us) = open.connect_us {
                     self.connect_duration
                         .get_or_create(&self.remote_labels(
@@ -526,7 +551,7 @@ impl Metrics {
                 let conn = self.conn_labels(event);
                 let labels = CloseLabels {
                     comm: conn.comm,
-                    container: conn.container,
+                    container_id: conn.container_id,
                     pod_uid: conn.pod_uid,
                     role: conn.role,
                     remote: conn.remote,
@@ -560,7 +585,7 @@ impl Metrics {
                 let conn = self.conn_labels(event);
                 let labels = ResetLabels {
                     comm: conn.comm,
-                    container: conn.container,
+                    container_id: conn.container_id,
                     pod_uid: conn.pod_uid,
                     role: conn.role,
                     remote: conn.remote,
@@ -591,7 +616,7 @@ impl Metrics {
                 let remote = self.remote_labels(event.pid, &event.comm, event.raddr, event.rport);
                 let labels = ErrnoLabels {
                     comm: remote.comm,
-                    container: remote.container,
+                    container_id: remote.container_id,
                     pod_uid: remote.pod_uid,
                     remote: remote.remote,
                     errno: error.error.clone(),
@@ -606,10 +631,10 @@ impl Metrics {
         let process = self.process(finding.pid, &finding.comm);
         let labels = FindingLabels {
             comm: process.comm,
-            container: process.container,
+            container_id: process.container,
             pod_uid: process.pod_uid,
             kind: finding.kind.name().into(),
-            severity: serde_json::to_value(finding.severity)
+            finding_severity: serde_json::to_value(finding.severity)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
@@ -695,7 +720,7 @@ impl Metrics {
             if let Some(estimate) = stats.local_idle_timeout(jiffy) {
                 let conn = ConnLabels {
                     comm: labels.comm.clone(),
-                    container: labels.container.clone(),
+                    container_id: labels.container_id.clone(),
                     pod_uid: labels.pod_uid.clone(),
                     role: role_name(stats.role.unwrap_or(Role::Unknown)).into(),
                     remote: labels.remote.clone(),
@@ -734,7 +759,7 @@ impl Metrics {
             if let Some(estimate) = stats.local_idle_timeout(jiffy) {
                 let conn = ConnLabels {
                     comm: labels.comm.clone(),
-                    container: labels.container.clone(),
+                    container_id: labels.container_id.clone(),
                     pod_uid: labels.pod_uid.clone(),
                     role: "server".into(),
                     remote: String::new(),

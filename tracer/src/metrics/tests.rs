@@ -80,7 +80,7 @@ fn connections_and_idle_closes_are_counted() {
     m.observe_event(&event(8080, open));
     m.observe_event(&event(8080, peer_close(1000)));
     let text = text(&m);
-    let labels = "comm=\"client\",container=\"\",pod_uid=\"\",role=\"client\",remote=\"127.0.0.1:8080\",port=\"\"";
+    let labels = "comm=\"client\",container_id=\"\",pod_uid=\"\",role=\"client\",remote=\"127.0.0.1:8080\",port=\"\"";
     assert_eq!(
         value(
             &text,
@@ -98,7 +98,7 @@ fn connections_and_idle_closes_are_counted() {
     assert_eq!(
         value(
             &text,
-            "tcptracer_idle_timeout_mismatches_total{comm=\"client\",container=\"\",pod_uid=\"\",remote=\"127.0.0.1:8080\"}"
+            "tcptracer_idle_timeout_mismatches_total{comm=\"client\",container_id=\"\",pod_uid=\"\",remote=\"127.0.0.1:8080\"}"
         ),
         Some(1.0)
     );
@@ -109,6 +109,44 @@ fn connections_and_idle_closes_are_counted() {
     assert!(text.contains("tcptracer_connection_idle_at_close_seconds_bucket{"));
     assert!(text.contains("tcptracer_build_info{version="));
     assert!(!text.contains("# EOF"));
+}
+
+#[test]
+fn problem_counters_start_at_zero_when_a_connection_opens() {
+    let m = metrics(20);
+    let open = || {
+        Detail::Open(Open {
+            connect_us: None,
+            accept_wait_us: None,
+        })
+    };
+    m.observe_event(&event(8080, open()));
+    let mut accepted = event(40_001, open());
+    accepted.role = Role::Server;
+    accepted.lport = 8081;
+    m.observe_event(&accepted);
+    let text = text(&m);
+    let remote = "{comm=\"client\",container_id=\"\",pod_uid=\"\",remote=\"127.0.0.1:8080\"}";
+    for name in [
+        "stale_reuses",
+        "idle_timeout_mismatches",
+        "silent_drops",
+        "close_wait_leaks",
+    ] {
+        assert_eq!(
+            value(&text, &format!("tcptracer_{name}_total{remote}")),
+            Some(0.0),
+            "{name}: {text}"
+        );
+    }
+    let port = "{comm=\"client\",container_id=\"\",pod_uid=\"\",port=\"8081\"}";
+    for name in ["late_request_resets", "listen_drops"] {
+        assert_eq!(
+            value(&text, &format!("tcptracer_{name}_total{port}")),
+            Some(0.0),
+            "{name}: {text}"
+        );
+    }
 }
 
 #[test]
@@ -133,7 +171,7 @@ fn thousands_of_destinations_stay_within_the_budget() {
     assert_eq!(
         value(
             &text,
-            "tcptracer_connections_closed_total{comm=\"client\",container=\"\",pod_uid=\"\",role=\"client\",remote=\"other\",port=\"\",closed_by=\"peer\"}"
+            "tcptracer_connections_closed_total{comm=\"client\",container_id=\"\",pod_uid=\"\",role=\"client\",remote=\"other\",port=\"\",closed_by=\"peer\"}"
         ),
         Some(4980.0)
     );
@@ -153,7 +191,7 @@ fn inferred_timeouts_are_gauges_that_go_away_with_their_destination() {
     assert_eq!(
         value(
             &text,
-            "tcptracer_peer_idle_timeout_seconds{comm=\"client\",container=\"\",pod_uid=\"\",remote=\"127.0.0.1:8080\"}"
+            "tcptracer_peer_idle_timeout_seconds{comm=\"client\",container_id=\"\",pod_uid=\"\",remote=\"127.0.0.1:8080\"}"
         ),
         Some(1.0)
     );
