@@ -375,6 +375,31 @@ fn promtool_finds_no_problem_in_the_exposition() {
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
 
+/// Acceptance 2 (alerts part): the shipped alert rules are valid and pass
+/// their promtool unit tests. (That they query only exported metrics is a unit
+/// test of the metrics module.)
+#[test]
+fn alert_rules_pass_promtool() {
+    let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let output = Command::new("promtool")
+            .args(args)
+            .current_dir(&deploy)
+            .output()
+            .expect("promtool (cargo xtask setup installs prometheus)");
+        assert!(
+            output.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// Acceptance 3: connections to 5,000 distinct loopback addresses from one
 /// process; the series stay within the documented bound. The server listens
 /// on every address inside a namespace of its own, so nothing outside the test

@@ -213,3 +213,119 @@ fn inferred_timeouts_are_gauges_that_go_away_with_their_destination() {
 fn text_contains(m: &Metrics, needle: &str) -> bool {
     text(m).contains(needle)
 }
+
+/// Every metric the shipped alert rules query is one these metrics export, so
+/// renaming a metric cannot silently disarm an alert.
+#[test]
+fn the_alert_rules_query_only_exported_metrics() {
+    let m = metrics(20);
+    let mut d = Diagnoser::new(diagnosis::Config::default());
+    let open = || {
+        Detail::Open(Open {
+            connect_us: Some(80),
+            accept_wait_us: None,
+        })
+    };
+    let mut accepted = event(40_001, open());
+    accepted.role = Role::Server;
+    let refused = event(
+        9,
+        Detail::ConnectError(crate::event::ConnectError {
+            error: "ECONNREFUSED".into(),
+            connect_us: 40,
+        }),
+    );
+    for e in [event(8080, open()), accepted, refused] {
+        m.observe_event(&e);
+        d.observe(&e);
+    }
+    for port in [41_000, 41_001, 41_002] {
+        let mut e = event(8080, peer_close(1000));
+        e.lport = port;
+        d.observe(&e);
+    }
+    let destination = diagnosis::DestinationKey {
+        pid: 0,
+        raddr: IpAddr::from([127, 0, 0, 1]),
+        rport: 8080,
+    };
+    let pool = |requests| PoolCounters {
+        pool: PoolRef::Destination(destination.clone()),
+        busy: 1,
+        requests,
+        responses: requests,
+        busy_ns: 0,
+        gaps: Vec::new(),
+    };
+    let close_wait = CloseWaitEntry {
+        sock: 1,
+        pid: 0,
+        comm: "client".into(),
+        raddr: destination.raddr,
+        rport: 8080,
+        lport: 40_000,
+        waiting: Duration::from_secs(120),
+    };
+    d.listener_scan(
+        SystemTime::now(),
+        &[diagnosis::pools::ListenerSample {
+            pid: 0,
+            comm: "client".into(),
+            lport: 40_000,
+            depth: 3,
+            limit: 511,
+            netns_drops: 0,
+            somaxconn: Some(4096),
+        }],
+    );
+    m.observe_scan(&d, &[pool(1)], &[], Stats::default(), 0);
+    m.observe_scan(&d, &[pool(5)], &[close_wait], Stats::default(), 0);
+    m.observe_occurrence(&Occurrence {
+        kind: FindingKind::PoolSaturation,
+        pid: 0,
+        comm: "client".into(),
+        remote: Some((destination.raddr, 8080)),
+        lport: None,
+        amount: 1.5,
+    });
+    m.observe_finding(&Finding {
+        ts: SystemTime::now(),
+        event_type: "finding",
+        kind: FindingKind::PoolSaturation,
+        severity: diagnosis::finding::Severity::Warning,
+        pid: 0,
+        comm: "client".into(),
+        raddr: Some(destination.raddr),
+        rport: Some(8080),
+        lport: None,
+        count: 1,
+        evidence: serde_json::Value::Null,
+        recommendation: String::new(),
+    });
+    let exported = text(&m);
+
+    let rules = include_str!("../../../deploy/prometheus/alerts.yml");
+    let mut queried: Vec<&str> = rules
+        .match_indices("tcptracer_")
+        .map(|(at, _)| {
+            let rest = &rules[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|name| name.len() > "tcptracer_".len())
+        .collect();
+    queried.sort_unstable();
+    queried.dedup();
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in queried {
+        assert!(
+            exported
+                .lines()
+                .any(|line| line.starts_with(&format!("{name}{{"))
+                    || line.starts_with(&format!("{name} "))),
+            "alerts.yml queries {name}, which is not exported:\n{exported}"
+        );
+    }
+}
