@@ -10,6 +10,7 @@ pub mod router;
 
 use std::{
     net::IpAddr,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -25,6 +26,24 @@ use tracer::{
 
 /// Tolerance for durations measured from jiffies (4 ms here) plus scheduling.
 pub const TOLERANCE_MS: f64 = 25.0;
+
+/// The agent binary: `TRACER_BIN` (set by `cargo xtask test`), else the one next
+/// to this test's own build directory.
+pub fn tracer_bin() -> PathBuf {
+    let path = std::env::var_os("TRACER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap();
+            // target/<profile>/deps/<test>-<hash> -> target/<profile>/tracer
+            exe.parent().unwrap().parent().unwrap().join("tracer")
+        });
+    assert!(
+        path.is_file(),
+        "{} not found: build it first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
 
 pub fn require_root() {
     assert!(

@@ -4,7 +4,6 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    path::PathBuf,
     process::{Command, Stdio},
     sync::mpsc,
     thread,
@@ -13,25 +12,7 @@ use std::{
 
 use std::os::unix::process::CommandExt as _;
 
-use integration_tests::{Peer, require_root};
-
-/// The agent binary: `TRACER_BIN` (set by `cargo xtask test`), else the one next
-/// to this test's own build directory.
-fn tracer_bin() -> PathBuf {
-    let path = std::env::var_os("TRACER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().unwrap();
-            // target/<profile>/deps/cli-<hash> -> target/<profile>/tracer
-            exe.parent().unwrap().parent().unwrap().join("tracer")
-        });
-    assert!(
-        path.is_file(),
-        "{} not found: build it first (`cargo xtask test` does)",
-        path.display()
-    );
-    path
-}
+use integration_tests::{Peer, require_root, tracer_bin};
 
 /// Lines of a child's pipe, as they arrive.
 fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {

@@ -14,24 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Peer, require_root, router::in_netns};
-
-/// The agent binary: `TRACER_BIN` (set by `cargo xtask test`), else the one next
-/// to this test's own build directory.
-fn tracer_bin() -> PathBuf {
-    let path = std::env::var_os("TRACER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().unwrap();
-            exe.parent().unwrap().parent().unwrap().join("tracer")
-        });
-    assert!(
-        path.is_file(),
-        "{} not found: build it first",
-        path.display()
-    );
-    path
-}
+use integration_tests::{Peer, require_root, router::in_netns, tracer_bin};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -397,6 +380,57 @@ fn alert_rules_pass_promtool() {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+}
+
+/// Acceptance 4: clients that send their request head one byte a second hold
+/// neither the agent's endpoint from answering a scraper meanwhile, nor their
+/// own connection past the header timeout.
+#[test]
+fn slow_clients_do_not_keep_a_scraper_waiting() {
+    require_root();
+    let agent = Agent::start(free_port(), &[]);
+    let head = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nUser-Agent: slowloris\r\n\r\n",
+        agent.metrics
+    );
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let mut stream = TcpStream::connect(agent.metrics).unwrap();
+            let head = head.clone();
+            thread::spawn(move || {
+                let started = Instant::now();
+                for byte in head.bytes() {
+                    if stream.write_all(&[byte]).is_err() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_secs(1));
+                }
+                // Cut off: nothing but the end of the connection comes back.
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer);
+                (started.elapsed(), answer)
+            })
+        })
+        .collect();
+    // Scrapes while the slow heads trickle in, each on a fresh connection.
+    for _ in 0..3 {
+        thread::sleep(Duration::from_secs(1));
+        let (head, body) = agent.get("/metrics", None);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(body.contains("tcptracer_build_info"), "{body}");
+    }
+    for client in slow {
+        let (lasted, answer) = client.join().unwrap();
+        assert!(
+            !answer.starts_with(b"HTTP/1.1 200"),
+            "a slow head was served after {lasted:?}"
+        );
+        // The head takes ~80 s to send; the default header timeout is 10 s.
+        assert!(lasted < Duration::from_secs(30), "{lasted:?}");
     }
 }
 

@@ -214,36 +214,122 @@ fn text_contains(m: &Metrics, needle: &str) -> bool {
     text(m).contains(needle)
 }
 
-/// Every metric the shipped alert rules query is one these metrics export, so
-/// renaming a metric cannot silently disarm an alert.
+/// Every metric the shipped alert rules and dashboard query is one these
+/// metrics export, so renaming a metric cannot silently disarm an alert or
+/// blank a panel.
 #[test]
-fn the_alert_rules_query_only_exported_metrics() {
+fn the_alert_rules_and_the_dashboard_query_only_exported_metrics() {
+    let exported = text(&every_family_populated());
+    for (file, text) in [
+        (
+            "alerts.yml",
+            include_str!("../../../deploy/prometheus/alerts.yml"),
+        ),
+        (
+            "dashboard.json",
+            include_str!("../../../deploy/grafana/dashboard.json"),
+        ),
+    ] {
+        let queried = metric_names(text);
+        assert!(queried.len() >= 10, "{file}: {queried:?}");
+        for name in queried {
+            assert!(
+                exported
+                    .lines()
+                    .any(|line| line.starts_with(&format!("{name}{{"))
+                        || line.starts_with(&format!("{name} "))),
+                "{file} queries {name}, which is not exported:\n{exported}"
+            );
+        }
+    }
+}
+
+/// The distinct `tcptracer_*` identifiers in `text`.
+fn metric_names(text: &str) -> Vec<&str> {
+    let mut names: Vec<&str> = text
+        .match_indices("tcptracer_")
+        .map(|(at, _)| {
+            let rest = &text[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|name| name.len() > "tcptracer_".len())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Metrics that have seen every kind of event, finding and scan.
+fn every_family_populated() -> Metrics {
     let m = metrics(20);
     let mut d = Diagnoser::new(diagnosis::Config::default());
-    let open = || {
+    let open = |accept_wait_us| {
         Detail::Open(Open {
             connect_us: Some(80),
-            accept_wait_us: None,
+            accept_wait_us,
         })
     };
-    let mut accepted = event(40_001, open());
+    let mut accepted = event(40_001, open(Some(30)));
     accepted.role = Role::Server;
-    let refused = event(
-        9,
-        Detail::ConnectError(crate::event::ConnectError {
-            error: "ECONNREFUSED".into(),
-            connect_us: 40,
-        }),
-    );
-    for e in [event(8080, open()), accepted, refused] {
-        m.observe_event(&e);
-        d.observe(&e);
-    }
-    for port in [41_000, 41_001, 41_002] {
-        let mut e = event(8080, peer_close(1000));
+    let mut events = vec![
+        event(8080, open(None)),
+        accepted,
+        event(
+            9,
+            Detail::ConnectError(crate::event::ConnectError {
+                error: "ECONNREFUSED".into(),
+                connect_us: 40,
+            }),
+        ),
+        event(
+            8080,
+            Detail::Reset(crate::event::Reset {
+                direction: Direction::In,
+                state: "ESTABLISHED",
+                idle_ms: Some(10),
+                since_close_ms: None,
+                closed_by: None,
+                awaiting_reply: true,
+            }),
+        ),
+        event(
+            8080,
+            Detail::Retransmit(crate::event::Retransmit {
+                state: "ESTABLISHED",
+                idle_ms: Some(30_000),
+                retransmits: 1,
+            }),
+        ),
+    ];
+    // Three idle closes by each side: both idle timeouts are inferred.
+    for (port, closed_by) in (41_000..).zip([ClosedBy::Peer, ClosedBy::Local].repeat(3)) {
+        let mut close = peer_close(1000);
+        if let Detail::Close(c) = &mut close {
+            c.closed_by = closed_by;
+        }
+        let mut e = event(8080, close);
         e.lport = port;
-        d.observe(&e);
+        events.push(e);
     }
+    for e in &events {
+        m.observe_event(e);
+        d.observe(e);
+    }
+    d.listener_scan(
+        SystemTime::now(),
+        &[diagnosis::pools::ListenerSample {
+            pid: 0,
+            comm: "client".into(),
+            lport: 40_000,
+            depth: 3,
+            limit: 511,
+            netns_drops: 0,
+            somaxconn: Some(4096),
+        }],
+    );
     let destination = diagnosis::DestinationKey {
         pid: 0,
         raddr: IpAddr::from([127, 0, 0, 1]),
@@ -266,18 +352,6 @@ fn the_alert_rules_query_only_exported_metrics() {
         lport: 40_000,
         waiting: Duration::from_secs(120),
     };
-    d.listener_scan(
-        SystemTime::now(),
-        &[diagnosis::pools::ListenerSample {
-            pid: 0,
-            comm: "client".into(),
-            lport: 40_000,
-            depth: 3,
-            limit: 511,
-            netns_drops: 0,
-            somaxconn: Some(4096),
-        }],
-    );
     m.observe_scan(&d, &[pool(1)], &[], Stats::default(), 0);
     m.observe_scan(&d, &[pool(5)], &[close_wait], Stats::default(), 0);
     m.observe_occurrence(&Occurrence {
@@ -302,30 +376,5 @@ fn the_alert_rules_query_only_exported_metrics() {
         evidence: serde_json::Value::Null,
         recommendation: String::new(),
     });
-    let exported = text(&m);
-
-    let rules = include_str!("../../../deploy/prometheus/alerts.yml");
-    let mut queried: Vec<&str> = rules
-        .match_indices("tcptracer_")
-        .map(|(at, _)| {
-            let rest = &rules[at..];
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            &rest[..end]
-        })
-        .filter(|name| name.len() > "tcptracer_".len())
-        .collect();
-    queried.sort_unstable();
-    queried.dedup();
-    assert!(queried.len() >= 10, "{queried:?}");
-    for name in queried {
-        assert!(
-            exported
-                .lines()
-                .any(|line| line.starts_with(&format!("{name}{{"))
-                    || line.starts_with(&format!("{name} "))),
-            "alerts.yml queries {name}, which is not exported:\n{exported}"
-        );
-    }
+    m
 }
