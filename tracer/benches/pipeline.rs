@@ -267,7 +267,11 @@ fn client_connection(n: u32, out: &mut Vec<Pending>) {
 /// A connection a local server accepted, served and closed.
 fn server_connection(n: u32, out: &mut Vec<Pending>) {
     let pid = 2000 + n % 2;
-    let name = if n.is_multiple_of(2) { "nginx" } else { "postgres" };
+    let name = if n.is_multiple_of(2) {
+        "nginx"
+    } else {
+        "postgres"
+    };
     let lport = LISTEN_PORTS[(n % LISTEN_PORTS.len() as u32) as usize];
     let raddr = [10, 8, (n / 200) as u8, (n % 200) as u8 + 1];
     let conn = endpoints([10, 9, 0, 1], lport, raddr, 40_000 + n as u16);

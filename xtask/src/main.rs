@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup|build|run|test`.
+//! Project tasks: `cargo xtask setup|build|run|test|bench`.
 
+mod bench;
 mod build;
 mod exec;
 mod run;
@@ -29,6 +30,13 @@ enum Command {
     /// Run the unit tests, then the integration tests as root (they load the real
     /// programs and drive real TCP traffic).
     Test(test::Options),
+    /// Measure what the agent costs and holds (as root): throughput against a
+    /// local nginx without a tracer, with the agent and with bpftrace; kernel
+    /// time per program run; lost events and agent CPU at high connection
+    /// rates; RSS with many connections open; the userspace pipeline
+    /// micro-benchmark. Prints a table and writes bench/results.md. About 20
+    /// minutes; --soak adds 10, --quick is a smoke run of a few minutes.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Build(options) => build::run(&options).map(|_| ()),
         Command::Run(options) => run::run(&options),
         Command::Test(options) => test::run(&options),
+        Command::Bench(options) => bench::run(&options),
     }
 }

@@ -28,6 +28,22 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Debian packages `cargo xtask bench` drives (not installed by `setup` or
+/// `test`), with what each is for.
+pub const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("nginx", "the server every benchmark workload talks to"),
+    ("wrk", "the HTTP load generator of the throughput benchmark"),
+    (
+        "bpftrace",
+        "the peer tracer (bench/peer.bt) the agent is compared with",
+    ),
+];
+
+/// Installs the benchmark's Debian packages that are missing.
+pub fn bench_packages() -> anyhow::Result<()> {
+    debian_packages(BENCH_PACKAGES)
+}
+
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
