@@ -19,4 +19,5 @@ pub mod output;
 pub mod owners;
 pub mod pipeline;
 pub mod session;
+pub mod sock_diag;
 pub mod tracefs;

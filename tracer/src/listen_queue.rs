@@ -15,15 +15,13 @@ use std::{
     os::unix::fs::MetadataExt,
 };
 
-use netlink_packet_core::{
-    DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
 use netlink_packet_sock_diag::{
-    AF_INET, AF_INET6, IPPROTO_TCP, SockDiagMessage, TCP_LISTEN,
-    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags},
+    TCP_LISTEN,
+    inet::{InetResponseHeader, StateFlags},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 use nix::sched::{CloneFlags, setns};
+
+use crate::sock_diag::{self, SockDiagError};
 
 /// One TCP listener and its accept queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,22 +69,8 @@ pub enum ListenQueueError {
         #[source]
         source: io::Error,
     },
-    #[error("sock_diag: cannot {operation}")]
-    Netlink {
-        operation: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("sock_diag: the kernel refused the dump of listening sockets")]
-    Kernel {
-        #[source]
-        source: io::Error,
-    },
-    #[error("sock_diag: cannot decode the kernel's answer")]
-    Decode {
-        #[source]
-        source: DecodeError,
-    },
+    #[error("cannot list the listening sockets")]
+    SockDiag(#[from] SockDiagError),
     #[error("cannot read the TCP counters of pid {pid}")]
     ReadNetstat {
         pid: u32,
@@ -104,130 +88,22 @@ pub enum ListenQueueError {
 /// state in the kernel, so it costs the same on a host with a million
 /// connections as on an idle one.
 pub fn listening_sockets() -> Result<Vec<ListenerQueue>, ListenQueueError> {
-    let netlink = |operation| move |source| ListenQueueError::Netlink { operation, source };
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(netlink("open a netlink socket"))?;
-    socket
-        .bind_auto()
-        .map_err(netlink("bind the netlink socket"))?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(netlink("connect to the kernel"))?;
-
     let mut listeners = Vec::new();
-    // One dump per family: a request names exactly one. A dual-stack listener
-    // (bound to ::) comes once, in the IPv6 dump.
-    for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
-        let request = dump_request(family, sequence);
-        socket
-            .send(&request, 0)
-            .map_err(netlink("send the dump request"))?;
-        // The kernel sizes dump datagrams by the reader's buffer, at most 32 KiB.
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let len = socket
-                .recv(&mut &mut buf[..], libc::MSG_TRUNC)
-                .map_err(netlink("receive the dump"))?;
-            if len > buf.len() {
-                return Err(ListenQueueError::Netlink {
-                    operation: "receive the dump",
-                    source: io::Error::other(format!(
-                        "datagram of {len} bytes exceeds the {}-byte buffer",
-                        buf.len()
-                    )),
-                });
-            }
-            if parse_dump(&buf[..len], sequence, &mut listeners)? == Dump::Done {
-                break;
-            }
-        }
-    }
+    sock_diag::dump_tcp(StateFlags::LISTEN, |socket| {
+        listeners.extend(listener(socket));
+    })?;
     Ok(listeners)
-}
-
-fn dump_request(family: u8, sequence: u32) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = sequence;
-    let mut message = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::LISTEN,
-            socket_id: if family == AF_INET {
-                SocketId::new_v4()
-            } else {
-                SocketId::new_v6()
-            },
-        })
-        .into(),
-    );
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
-    buf
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Dump {
-    More,
-    Done,
-}
-
-/// One datagram of a sock_diag dump: appends the listeners it holds and tells
-/// whether the dump is over. Messages of another sequence (a stale answer) are
-/// skipped.
-fn parse_dump(
-    mut datagram: &[u8],
-    sequence: u32,
-    out: &mut Vec<ListenerQueue>,
-) -> Result<Dump, ListenQueueError> {
-    while !datagram.is_empty() {
-        let message = NetlinkMessage::<SockDiagMessage>::deserialize(datagram)
-            .map_err(|source| ListenQueueError::Decode { source })?;
-        // Netlink messages are 4-byte aligned; deserialize checked the length
-        // against the datagram, and it is at least a header, so this advances.
-        let len = (message.header.length as usize + 3) & !3;
-        datagram = datagram.get(len..).unwrap_or_default();
-        if message.header.sequence_number != sequence {
-            continue;
-        }
-        match message.payload {
-            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                out.extend(listener(&response));
-            }
-            NetlinkPayload::Done(done) if done.code != 0 => {
-                return Err(ListenQueueError::Kernel {
-                    source: io::Error::from_raw_os_error(done.code.abs()),
-                });
-            }
-            NetlinkPayload::Done(_) => return Ok(Dump::Done),
-            NetlinkPayload::Error(error) if error.code.is_some() => {
-                return Err(ListenQueueError::Kernel {
-                    source: error.to_io(),
-                });
-            }
-            _ => {}
-        }
-    }
-    Ok(Dump::More)
 }
 
 /// For a listener, idiag_rqueue is the accept-queue length and idiag_wqueue the
 /// backlog limit (for other sockets they are byte counts: skipped).
-fn listener(response: &InetResponse) -> Option<ListenerQueue> {
-    let header = &response.header;
+fn listener(header: &InetResponseHeader) -> Option<ListenerQueue> {
     if header.state != TCP_LISTEN {
         return None;
     }
-    let addr = match header.socket_id.source_address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
     Some(ListenerQueue {
         port: header.socket_id.source_port,
-        addr,
+        addr: header.socket_id.source_address.to_canonical(),
         depth: header.recv_queue,
         limit: header.send_queue,
         inode: header.inode.into(),
@@ -304,12 +180,13 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use netlink_packet_sock_diag::inet::InetResponseHeader;
+    use netlink_packet_sock_diag::{AF_INET, AF_INET6};
     use nix::sys::socket::{
         AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, socket,
     };
 
     use super::*;
+    use crate::sock_diag::testing::dumped;
 
     /// From /proc/net/netstat of a 6.18 kernel, cut after ListenDrops (the
     /// parser must not rely on the line's length).
@@ -335,62 +212,10 @@ IpExt: 0 0 0 0 0 0 192670497 126465977
         assert_eq!(parse_netstat(""), None);
     }
 
-    fn response(family: u8, state: u8, source_address: IpAddr) -> InetResponse {
-        let mut socket_id = if family == AF_INET {
-            SocketId::new_v4()
-        } else {
-            SocketId::new_v6()
-        };
-        socket_id.source_address = source_address;
-        socket_id.source_port = 8080;
-        InetResponse {
-            header: InetResponseHeader {
-                family,
-                state,
-                timer: None,
-                socket_id,
-                recv_queue: 5,
-                send_queue: 4,
-                uid: 0,
-                inode: 4242,
-            },
-            nlas: Default::default(),
-        }
-    }
-
-    fn datagram(sequence: u32, payloads: Vec<NetlinkPayload<SockDiagMessage>>) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        for payload in payloads {
-            let mut header = NetlinkHeader::default();
-            header.sequence_number = sequence;
-            let mut message = NetlinkMessage::new(header, payload);
-            message.finalize();
-            let start = bytes.len();
-            bytes.resize(start + message.buffer_len(), 0);
-            message.serialize(&mut bytes[start..]);
-        }
-        bytes
-    }
-
     #[test]
-    fn decodes_listeners_from_a_dump() {
-        let inet = |r| NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(Box::new(r)));
+    fn reads_listeners_from_dumped_sockets() {
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped());
-        let bytes = datagram(
-            7,
-            vec![
-                inet(response(AF_INET6, TCP_LISTEN, mapped)),
-                inet(response(
-                    AF_INET6,
-                    TCP_LISTEN,
-                    IpAddr::V6(Ipv6Addr::LOCALHOST),
-                )),
-                // An established socket's queues are bytes, not connections.
-                inet(response(AF_INET, 1, IpAddr::V4(Ipv4Addr::LOCALHOST))),
-            ],
-        );
-        let mut out = Vec::new();
-        assert_eq!(parse_dump(&bytes, 7, &mut out).unwrap(), Dump::More);
+        let nowhere = (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
         let expected = |addr| ListenerQueue {
             port: 8080,
             addr,
@@ -399,24 +224,17 @@ IpExt: 0 0 0 0 0 0 192670497 126465977
             inode: 4242,
         };
         assert_eq!(
-            out,
-            [
-                expected(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
-                expected(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            ]
+            listener(&dumped(AF_INET6, TCP_LISTEN, mapped, nowhere)),
+            Some(expected(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))))
         );
-
-        // A stale answer of another request is ignored; DONE ends the dump.
-        let mut stale = datagram(6, vec![inet(response(AF_INET, TCP_LISTEN, mapped))]);
-        stale.extend(datagram(7, vec![NetlinkPayload::Done(Default::default())]));
-        let mut out = Vec::new();
-        assert_eq!(parse_dump(&stale, 7, &mut out).unwrap(), Dump::Done);
-        assert!(out.is_empty());
-
-        assert!(matches!(
-            parse_dump(&[1, 2, 3], 7, &mut out),
-            Err(ListenQueueError::Decode { .. })
-        ));
+        let localhost = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!(
+            listener(&dumped(AF_INET6, TCP_LISTEN, localhost, nowhere)),
+            Some(expected(localhost))
+        );
+        // An established socket's queues are bytes, not connections.
+        let established = dumped(AF_INET, 1, IpAddr::V4(Ipv4Addr::LOCALHOST), nowhere);
+        assert_eq!(listener(&established), None);
     }
 
     /// A listener on 127.0.0.1 with an exact backlog (std always uses 128).

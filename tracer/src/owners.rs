@@ -132,29 +132,6 @@ fn scan() -> HashMap<ConnKey, ProcOwner> {
         .collect()
 }
 
-/// TIME_WAIT sockets towards `raddr`:`rport` in the network namespace of `pid`,
-/// from /proc/<pid>/net/tcp{,6}. Only looked up for destinations that churn.
-pub fn time_wait_towards(pid: u32, raddr: IpAddr, rport: u16) -> u64 {
-    const TIME_WAIT: &str = "06";
-    ["tcp", "tcp6"]
-        .iter()
-        .filter_map(|file| fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok())
-        .map(|text| {
-            text.lines()
-                .skip(1)
-                .filter(|line| {
-                    let fields: Vec<&str> = line.split_whitespace().collect();
-                    fields.get(3) == Some(&TIME_WAIT)
-                        && fields
-                            .get(2)
-                            .and_then(|f| parse_endpoint(f))
-                            .is_some_and(|remote| remote == (raddr, rport))
-                })
-                .count() as u64
-        })
-        .sum()
-}
-
 fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?
         .strip_suffix(']')?
@@ -229,25 +206,6 @@ mod tests {
             Some((IpAddr::from([127, 0, 0, 1]), 80))
         );
         assert_eq!(parse_endpoint("zz:0050"), None);
-    }
-
-    #[test]
-    fn counts_time_wait_towards_a_destination() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        for _ in 0..3 {
-            // The client closes first: its side keeps TIME_WAIT.
-            let client = std::net::TcpStream::connect(addr).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            drop(client);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            drop(server);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(
-            time_wait_towards(std::process::id(), addr.ip(), addr.port()),
-            3
-        );
     }
 
     #[test]

@@ -180,16 +180,35 @@ impl Pipeline {
         });
     }
 
-    /// TIME_WAIT counts and port ranges for the destinations that churn.
+    /// TIME_WAIT counts and port ranges for the destinations that churn. TIME_WAIT
+    /// sockets belong to no process, only to a network namespace: one dump per
+    /// namespace counts them for all its destinations.
     fn surroundings(&self) -> Surroundings {
+        use std::os::unix::fs::MetadataExt as _;
         let mut around = Surroundings::default();
+        let mut by_netns: HashMap<u64, Vec<diagnosis::DestinationKey>> = HashMap::new();
         for key in self.diagnoser.churn_candidates() {
-            let count = owners::time_wait_towards(key.pid, key.raddr, key.rport);
-            around.time_wait.insert(key.clone(), count);
             if let Entry::Vacant(slot) = around.port_range.entry(key.pid)
                 && let Some(size) = port_range_size(key.pid)
             {
                 slot.insert(size);
+            }
+            // A process that has exited leads to no namespace.
+            if let Ok(netns) = std::fs::metadata(format!("/proc/{}/ns/net", key.pid)) {
+                by_netns.entry(netns.ino()).or_default().push(key);
+            }
+        }
+        for keys in by_netns.into_values() {
+            let destinations = keys.iter().map(|key| (key.raddr, key.rport));
+            let Ok(Ok(counts)) = listen_queue::in_netns_of(keys[0].pid, || {
+                crate::sock_diag::time_wait_towards(destinations)
+            }) else {
+                continue;
+            };
+            for key in keys {
+                if let Some(&count) = counts.get(&(key.raddr, key.rport)) {
+                    around.time_wait.insert(key, count);
+                }
             }
         }
         around

@@ -66,12 +66,22 @@ pub struct Session {
     close_waits: HashMap<MapData, u64, CloseWait>,
     pools: HashMap<MapData, PoolKey, PoolStats>,
     listeners: HashMap<MapData, ListenerKey, Owner>,
+    intake: Intake,
+    report: AttachReport,
+}
+
+/// Turns ring-buffer records into events, with what that needs and counts.
+struct Intake {
     decoder: Decoder,
     owners: SocketOwners,
-    report: AttachReport,
     events: u64,
     undecodable: u64,
 }
+
+/// Events taken from the ring buffer per wake-up, so that a sustained flood
+/// neither grows the batch without bound nor keeps the scans and the metrics
+/// endpoint, on the same thread, from running.
+pub const MAX_BATCH: usize = 4096;
 
 impl Session {
     /// Loads and attaches the programs. Must run inside a tokio runtime.
@@ -99,14 +109,16 @@ impl Session {
             close_waits,
             pools,
             listeners,
-            decoder: Decoder {
-                clock: WallClock::new(),
-                jiffies,
+            intake: Intake {
+                decoder: Decoder {
+                    clock: WallClock::new(),
+                    jiffies,
+                },
+                owners,
+                events: 0,
+                undecodable: 0,
             },
-            owners,
             report,
-            events: 0,
-            undecodable: 0,
         })
     }
 
@@ -115,41 +127,25 @@ impl Session {
     }
 
     pub fn jiffies(&self) -> Jiffies {
-        self.decoder.jiffies
+        self.intake.decoder.jiffies
     }
 
-    /// Waits until the kernel has written something, then appends every available
-    /// event to `out`.
+    /// Waits until the kernel has written something, then appends up to
+    /// [`MAX_BATCH`] events to `out`.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), SessionError> {
         let mut guard = self.ring.readable_mut().await.map_err(SessionError::Poll)?;
-        guard.clear_ready();
-        drop(guard);
-        self.drain(out);
+        // The kernel signals only when a record lands on a ring the reader had
+        // emptied: while records remain, the fd must stay ready, or they would
+        // wait for the next burst.
+        if self.intake.read(guard.get_inner_mut(), out, MAX_BATCH) {
+            guard.clear_ready();
+        }
         Ok(())
     }
 
     /// Appends every event available now to `out`, without waiting.
     pub fn drain(&mut self, out: &mut Vec<Event>) {
-        self.decoder.clock.refresh();
-        let ring = self.ring.get_mut();
-        while let Some(record) = ring.next() {
-            match self.decoder.decode(&record) {
-                Ok(mut event) => {
-                    self.events += 1;
-                    // The kernel met the connection in softirq with no owner on
-                    // record: one that predates the agent, or an accepted one
-                    // whose listener does.
-                    if event.pid == 0 {
-                        fill_owner(&mut self.owners, &mut event);
-                    }
-                    out.push(event);
-                }
-                Err(e) => {
-                    self.undecodable += 1;
-                    log::warn!("undecodable ring-buffer record: {e}");
-                }
-            }
-        }
+        self.intake.read(self.ring.get_mut(), out, usize::MAX);
     }
 
     /// Detaches every program. Events already in the ring buffer can still be
@@ -184,7 +180,7 @@ impl Session {
             };
             if entry.pid == 0 {
                 let key = (laddr, entry.lport, raddr, entry.rport);
-                if let Some(owner) = self.owners.lookup(&key) {
+                if let Some(owner) = self.intake.owners.lookup(&key) {
                     entry.pid = owner.pid;
                     entry.comm = owner.comm;
                 }
@@ -241,8 +237,8 @@ impl Session {
                 .unwrap_or(0)
         };
         Stats {
-            events: self.events,
-            undecodable: self.undecodable,
+            events: self.intake.events,
+            undecodable: self.intake.undecodable,
             lost: counter(Counter::EventsLost),
             untracked: counter(Counter::SockStateInsertFailed),
             tracked: counter(Counter::SockStateInserted)
@@ -273,6 +269,35 @@ where
 {
     let map = ebpf.take_map(name).ok_or(SessionError::MissingMap(name))?;
     T::try_from(map).map_err(|source| SessionError::Map { name, source })
+}
+
+impl Intake {
+    /// Decodes up to `limit` records into `out`; true when the ring is empty.
+    fn read(&mut self, ring: &mut RingBuf<MapData>, out: &mut Vec<Event>, limit: usize) -> bool {
+        self.decoder.clock.refresh();
+        for _ in 0..limit {
+            let Some(record) = ring.next() else {
+                return true;
+            };
+            match self.decoder.decode(&record) {
+                Ok(mut event) => {
+                    self.events += 1;
+                    // The kernel met the connection in softirq with no owner on
+                    // record: one that predates the agent, or an accepted one
+                    // whose listener does.
+                    if event.pid == 0 {
+                        fill_owner(&mut self.owners, &mut event);
+                    }
+                    out.push(event);
+                }
+                Err(e) => {
+                    self.undecodable += 1;
+                    log::warn!("undecodable ring-buffer record: {e}");
+                }
+            }
+        }
+        false
+    }
 }
 
 /// A connection the kernel met mid-life, in softirq: the process is found in /proc.

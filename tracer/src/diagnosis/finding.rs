@@ -3,6 +3,7 @@
 
 use std::{net::IpAddr, num::NonZeroUsize, time::SystemTime};
 
+use foldhash::fast::RandomState;
 use lru::LruCache;
 use serde::{Serialize, Serializer};
 
@@ -132,13 +133,13 @@ impl Materiality {
 
 /// Every finding currently known, and what was last reported of each.
 pub struct FindingBook {
-    current: LruCache<FindingKey, (Finding, Materiality)>,
+    current: LruCache<FindingKey, (Finding, Materiality), RandomState>,
 }
 
 impl FindingBook {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
-            current: LruCache::new(capacity),
+            current: LruCache::with_hasher(capacity, RandomState::default()),
         }
     }
 

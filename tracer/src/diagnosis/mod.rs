@@ -17,6 +17,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use foldhash::fast::RandomState;
 use lru::LruCache;
 use serde_json::json;
 
@@ -255,13 +256,13 @@ pub struct CloseWaitEntry {
 
 pub struct Diagnoser {
     config: Config,
-    destinations: LruCache<DestinationKey, ConnectionStats>,
-    listeners: LruCache<ListenerKey, ConnectionStats>,
+    destinations: LruCache<DestinationKey, ConnectionStats, RandomState>,
+    listeners: LruCache<ListenerKey, ConnectionStats, RandomState>,
     /// Live connections.
-    connections: LruCache<ConnectionKey, ConnectionTrack>,
+    connections: LruCache<ConnectionKey, ConnectionTrack, RandomState>,
     /// Connections that just closed: kept apart so that the live ones (which may
     /// sit idle for minutes before a silent drop shows) are never evicted by them.
-    closed: LruCache<ConnectionKey, ConnectionTrack>,
+    closed: LruCache<ConnectionKey, ConnectionTrack, RandomState>,
     book: FindingBook,
     occurrences: Vec<Occurrence>,
     /// CLOSE_WAIT sockets already counted as leaks.
@@ -271,10 +272,13 @@ pub struct Diagnoser {
 impl Diagnoser {
     pub fn new(config: Config) -> Self {
         Self {
-            destinations: LruCache::new(config.max_destinations),
-            listeners: LruCache::new(config.max_destinations),
-            connections: LruCache::new(config.max_connections),
-            closed: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
+            destinations: LruCache::with_hasher(config.max_destinations, RandomState::default()),
+            listeners: LruCache::with_hasher(config.max_destinations, RandomState::default()),
+            connections: LruCache::with_hasher(config.max_connections, RandomState::default()),
+            closed: LruCache::with_hasher(
+                NonZeroUsize::new(4096).expect("non-zero"),
+                RandomState::default(),
+            ),
             book: FindingBook::new(config.max_destinations),
             occurrences: Vec::new(),
             leaked: Default::default(),

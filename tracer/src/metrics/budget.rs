@@ -2,9 +2,16 @@
 //! get series of their own. The first ones seen keep them; the rest are counted
 //! under `other`, so no traffic pattern can grow the series count without bound.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    num::NonZeroUsize,
+};
 
-use crate::containers::Containers;
+use foldhash::fast::RandomState;
+use lru::LruCache;
+
+use crate::{containers::Containers, diagnosis::endpoint};
 
 /// What identifies a process in metrics: never a pid, which changes on every
 /// restart and would leave series behind.
@@ -17,17 +24,35 @@ pub struct ProcessLabels {
 
 pub const OTHER: &str = "other";
 
+/// A command name as the kernel keeps it (at most 15 bytes): a key that needs
+/// no allocation.
+type Comm = [u8; 16];
+
+fn comm_key(comm: &str) -> Comm {
+    let mut key = [0; 16];
+    let len = comm.len().min(key.len());
+    key[..len].copy_from_slice(&comm.as_bytes()[..len]);
+    key
+}
+
 #[derive(Default)]
 struct Allowance {
-    remotes: HashSet<String>,
-    ports: HashSet<u16>,
+    remotes: HashSet<(IpAddr, u16), RandomState>,
+    ports: HashSet<u16, RandomState>,
 }
+
+/// Decisions already made, per process and per destination. A decision never
+/// changes once made (budgets only fill), and making it again costs a /proc
+/// lookup, string formatting and hashing on every event.
+const CACHED_DECISIONS: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 pub struct Budget {
     max_processes: usize,
     max_per_process: usize,
-    processes: HashMap<ProcessLabels, Allowance>,
+    processes: HashMap<ProcessLabels, Allowance, RandomState>,
     containers: Containers,
+    process_decisions: LruCache<(u32, Comm), ProcessLabels, RandomState>,
+    remote_decisions: LruCache<(u32, Comm, IpAddr, u16), String, RandomState>,
 }
 
 impl Budget {
@@ -35,14 +60,26 @@ impl Budget {
         Self {
             max_processes,
             max_per_process,
-            processes: HashMap::new(),
+            processes: HashMap::default(),
             containers: Containers::default(),
+            process_decisions: LruCache::with_hasher(CACHED_DECISIONS, RandomState::default()),
+            remote_decisions: LruCache::with_hasher(CACHED_DECISIONS, RandomState::default()),
         }
     }
 
     /// The labels of process `pid` named `comm`, or `other` once the budget of
     /// processes is spent.
     pub fn process(&mut self, pid: u32, comm: &str) -> ProcessLabels {
+        let key = (pid, comm_key(comm));
+        if let Some(labels) = self.process_decisions.get(&key) {
+            return labels.clone();
+        }
+        let labels = self.decide_process(pid, comm);
+        self.process_decisions.put(key, labels.clone());
+        labels
+    }
+
+    fn decide_process(&mut self, pid: u32, comm: &str) -> ProcessLabels {
         let container = if pid == 0 {
             Default::default()
         } else {
@@ -69,28 +106,47 @@ impl Budget {
         }
     }
 
-    /// `remote` for `process`, or `other` once its budget of destinations is spent.
-    pub fn remote(&mut self, process: &ProcessLabels, remote: String) -> String {
+    /// The labels of process `pid` named `comm` and of its destination
+    /// `addr:port`, which is `other` once the process's budget of destinations
+    /// is spent.
+    pub fn remote(
+        &mut self,
+        pid: u32,
+        comm: &str,
+        addr: IpAddr,
+        port: u16,
+    ) -> (ProcessLabels, String) {
+        let process = self.process(pid, comm);
+        let key = (pid, comm_key(comm), addr, port);
+        if let Some(remote) = self.remote_decisions.get(&key) {
+            return (process, remote.clone());
+        }
         let limit = self.max_per_process;
         let allowance = self.processes.entry(process.clone()).or_default();
-        if allowance.remotes.contains(&remote) || allowance.remotes.len() < limit {
-            allowance.remotes.insert(remote.clone());
-            remote
+        let remote = if allowance.remotes.contains(&(addr, port)) || allowance.remotes.len() < limit
+        {
+            allowance.remotes.insert((addr, port));
+            endpoint(addr, port)
         } else {
             OTHER.into()
-        }
+        };
+        self.remote_decisions.put(key, remote.clone());
+        (process, remote)
     }
 
-    /// `port` for `process`, or `other` once its budget of ports is spent.
-    pub fn port(&mut self, process: &ProcessLabels, port: u16) -> String {
+    /// The labels of process `pid` named `comm` and of its listening port, which
+    /// is `other` once the process's budget of ports is spent.
+    pub fn port(&mut self, pid: u32, comm: &str, port: u16) -> (ProcessLabels, String) {
+        let process = self.process(pid, comm);
         let limit = self.max_per_process;
         let allowance = self.processes.entry(process.clone()).or_default();
-        if allowance.ports.contains(&port) || allowance.ports.len() < limit {
+        let port = if allowance.ports.contains(&port) || allowance.ports.len() < limit {
             allowance.ports.insert(port);
             port.to_string()
         } else {
             OTHER.into()
-        }
+        };
+        (process, port)
     }
 }
 
@@ -98,18 +154,35 @@ impl Budget {
 mod tests {
     use super::*;
 
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+    const C: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 3));
+
     #[test]
     fn destinations_beyond_the_budget_are_other() {
         let mut budget = Budget::new(10, 2);
-        let process = budget.process(0, "curl");
-        assert_eq!(budget.remote(&process, "a:1".into()), "a:1");
-        assert_eq!(budget.remote(&process, "b:1".into()), "b:1");
-        assert_eq!(budget.remote(&process, "c:1".into()), OTHER);
-        // Known ones keep their series.
-        assert_eq!(budget.remote(&process, "a:1".into()), "a:1");
-        assert_eq!(budget.port(&process, 80), "80");
-        assert_eq!(budget.port(&process, 443), "443");
-        assert_eq!(budget.port(&process, 8080), OTHER);
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
+        assert_eq!(budget.remote(0, "curl", B, 1).1, "10.0.0.2:1");
+        assert_eq!(budget.remote(0, "curl", C, 1).1, OTHER);
+        // Known ones keep their series, also when asked by another pid of the
+        // same process labels.
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
+        assert_eq!(budget.remote(0, "curl", A, 1).0.comm, "curl");
+        assert_eq!(budget.port(0, "curl", 80).1, "80");
+        assert_eq!(budget.port(0, "curl", 443).1, "443");
+        assert_eq!(budget.port(0, "curl", 8080).1, OTHER);
+    }
+
+    #[test]
+    fn decisions_outlive_their_cache() {
+        let mut budget = Budget::new(10, 1);
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
+        // Push the decision out of the cache: it is made again, the same way.
+        for port in 0..=CACHED_DECISIONS.get() as u16 {
+            budget.remote(0, "curl", B, port);
+        }
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
+        assert_eq!(budget.remote(0, "curl", B, 1).1, OTHER);
     }
 
     #[test]

@@ -29,10 +29,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use self::budget::{Budget, ProcessLabels};
+use self::budget::Budget;
 use crate::{
     diagnosis::{
-        CloseWaitEntry, Diagnoser, Occurrence, endpoint,
+        CloseWaitEntry, Diagnoser, Occurrence,
         estimate::GRACEFUL_MS,
         finding::{Finding, FindingKind},
         pools::{PoolCounters, PoolRef},
@@ -436,30 +436,12 @@ impl Metrics {
         format::render(&self.registry, format)
     }
 
-    fn process(&self, pid: u32, comm: &str) -> ProcessLabels {
-        self.labels
-            .lock()
-            .expect("metrics labels")
-            .process(pid, comm)
-    }
-
-    fn remote(&self, process: &ProcessLabels, addr: IpAddr, port: u16) -> String {
-        self.labels
-            .lock()
-            .expect("metrics labels")
-            .remote(process, endpoint(addr, port))
-    }
-
-    fn port(&self, process: &ProcessLabels, port: u16) -> String {
-        self.labels
-            .lock()
-            .expect("metrics labels")
-            .port(process, port)
+    fn budget(&self) -> std::sync::MutexGuard<'_, Budget> {
+        self.labels.lock().expect("metrics labels")
     }
 
     fn remote_labels(&self, pid: u32, comm: &str, addr: IpAddr, port: u16) -> RemoteLabels {
-        let process = self.process(pid, comm);
-        let remote = self.remote(&process, addr, port);
+        let (process, remote) = self.budget().remote(pid, comm, addr, port);
         RemoteLabels {
             comm: process.comm,
             container_id: process.container,
@@ -469,8 +451,7 @@ impl Metrics {
     }
 
     fn port_labels(&self, pid: u32, comm: &str, lport: u16) -> PortLabels {
-        let process = self.process(pid, comm);
-        let port = self.port(&process, lport);
+        let (process, port) = self.budget().port(pid, comm, lport);
         PortLabels {
             comm: process.comm,
             container_id: process.container,
@@ -482,13 +463,17 @@ impl Metrics {
     /// Connection labels: client connections by destination, accepted ones by
     /// listening port (their remote ports are ephemeral).
     fn conn_labels(&self, event: &Event) -> ConnLabels {
-        let process = self.process(event.pid, &event.comm);
-        let (remote, port) = match event.role {
-            Role::Server => (String::new(), self.port(&process, event.lport)),
-            _ => (
-                self.remote(&process, event.raddr, event.rport),
-                String::new(),
-            ),
+        let mut budget = self.budget();
+        let (process, remote, port) = match event.role {
+            Role::Server => {
+                let (process, port) = budget.port(event.pid, &event.comm, event.lport);
+                (process, String::new(), port)
+            }
+            _ => {
+                let (process, remote) =
+                    budget.remote(event.pid, &event.comm, event.raddr, event.rport);
+                (process, remote, String::new())
+            }
         };
         ConnLabels {
             comm: process.comm,
@@ -628,7 +613,7 @@ impl Metrics {
     }
 
     pub fn observe_finding(&self, finding: &Finding) {
-        let process = self.process(finding.pid, &finding.comm);
+        let process = self.budget().process(finding.pid, &finding.comm);
         let labels = FindingLabels {
             comm: process.comm,
             container_id: process.container,
