@@ -333,9 +333,11 @@ impl Diagnoser {
             Detail::Reset(reset) => self.on_reset(event, reset, &mut findings),
             Detail::Reuse(reuse) => self.on_reuse(event, reuse, &mut findings),
             Detail::Retransmit(_) => {
-                let track = self.track(event);
-                if track.reuse.is_some() {
-                    track.retransmits_after_reuse += 1;
+                if self.has_track(event) {
+                    let track = self.track(event);
+                    if track.reuse.is_some() {
+                        track.retransmits_after_reuse += 1;
+                    }
                 }
             }
             Detail::ConnectError(error) => {
@@ -369,6 +371,11 @@ impl Diagnoser {
         };
         stats.touch(event);
         stats
+    }
+
+    fn has_track(&self, event: &Event) -> bool {
+        let key = connection(event);
+        self.connections.contains(&key) || self.closed.contains(&key)
     }
 
     /// The live connection's track, or, for events that come just after its
@@ -425,16 +432,35 @@ impl Diagnoser {
                 close.close_wait_ms.unwrap_or(0.0) / 1000.0,
             ))
             .unwrap_or(event.ts);
+        let peer_end = match close.closed_by {
+            ClosedBy::ResetPeer if close.awaiting_reply => Some((event.ts, PeerEnd::Reset)),
+            ClosedBy::Peer if close.awaiting_reply => Some((fin_at, PeerEnd::Fin)),
+            _ => None,
+        };
+        // Most connections never had a reuse, reset or retransmission to put
+        // together, nor end in a way a later reuse event must see.
+        if peer_end.is_some() || self.has_track(event) {
+            self.close_track(event, close, peer_end, findings);
+        }
+        if event.role == Role::Client && close.closed_by == ClosedBy::Peer {
+            findings.extend(self.mismatch(event));
+        }
+    }
+
+    /// The part of a close that puts the connection's track together: a stale
+    /// reuse the close answered, a silent drop; then the track moves to the
+    /// closed ones.
+    fn close_track(
+        &mut self,
+        event: &Event,
+        close: &Close,
+        peer_end: Option<(SystemTime, PeerEnd)>,
+        findings: &mut Vec<Finding>,
+    ) {
         let min_idle = self.config.min_idle;
         let track = self.track(event);
-        if close.closed_by == ClosedBy::ResetPeer
-            && close.awaiting_reply
-            && track.peer_end.is_none()
-        {
-            track.peer_end = Some((event.ts, PeerEnd::Reset));
-        }
-        if close.closed_by == ClosedBy::Peer && close.awaiting_reply && track.peer_end.is_none() {
-            track.peer_end = Some((fin_at, PeerEnd::Fin));
+        if track.peer_end.is_none() {
+            track.peer_end = peer_end;
         }
         self.check_stale(event, findings);
 
@@ -496,10 +522,6 @@ impl Diagnoser {
                 figures: vec![reuse.idle_ms as f64],
             };
             findings.extend(self.book.update(finding, materiality));
-        }
-
-        if event.role == Role::Client && close.closed_by == ClosedBy::Peer {
-            findings.extend(self.mismatch(event));
         }
         let key = connection(event);
         if let Some(track) = self.connections.pop(&key) {

@@ -53,6 +53,7 @@ pub struct Budget {
     containers: Containers,
     process_decisions: LruCache<(u32, Comm), ProcessLabels, RandomState>,
     remote_decisions: LruCache<(u32, Comm, IpAddr, u16), String, RandomState>,
+    port_decisions: LruCache<(u32, Comm, u16), String, RandomState>,
 }
 
 impl Budget {
@@ -64,6 +65,7 @@ impl Budget {
             containers: Containers::default(),
             process_decisions: LruCache::with_hasher(CACHED_DECISIONS, RandomState::default()),
             remote_decisions: LruCache::with_hasher(CACHED_DECISIONS, RandomState::default()),
+            port_decisions: LruCache::with_hasher(CACHED_DECISIONS, RandomState::default()),
         }
     }
 
@@ -138,15 +140,31 @@ impl Budget {
     /// is `other` once the process's budget of ports is spent.
     pub fn port(&mut self, pid: u32, comm: &str, port: u16) -> (ProcessLabels, String) {
         let process = self.process(pid, comm);
+        let key = (pid, comm_key(comm), port);
+        if let Some(label) = self.port_decisions.get(&key) {
+            return (process, label.clone());
+        }
         let limit = self.max_per_process;
         let allowance = self.processes.entry(process.clone()).or_default();
-        let port = if allowance.ports.contains(&port) || allowance.ports.len() < limit {
+        let label = if allowance.ports.contains(&port) || allowance.ports.len() < limit {
             allowance.ports.insert(port);
             port.to_string()
         } else {
             OTHER.into()
         };
-        (process, port)
+        self.port_decisions.put(key, label.clone());
+        (process, label)
+    }
+
+    /// Whether `remote` was asked about this destination recently.
+    pub fn knows_remote(&self, pid: u32, comm: &str, addr: IpAddr, port: u16) -> bool {
+        self.remote_decisions
+            .contains(&(pid, comm_key(comm), addr, port))
+    }
+
+    /// Whether `port` was asked about this listening port recently.
+    pub fn knows_port(&self, pid: u32, comm: &str, port: u16) -> bool {
+        self.port_decisions.contains(&(pid, comm_key(comm), port))
     }
 }
 

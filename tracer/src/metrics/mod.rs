@@ -487,8 +487,21 @@ impl Metrics {
 
     /// Creates the problem counters a new connection could raise at zero, so
     /// that their first increment shows in `increase()` rather than being the
-    /// series' first sample (which rate functions cannot see grow).
+    /// series' first sample (which rate functions cannot see grow). Once per
+    /// destination or port while its labels stay cached: an open is the hot path
+    /// of connection churn.
     fn zero_problem_counters(&self, event: &Event) {
+        let known = match event.role {
+            Role::Server => self
+                .budget()
+                .knows_port(event.pid, &event.comm, event.lport),
+            _ => self
+                .budget()
+                .knows_remote(event.pid, &event.comm, event.raddr, event.rport),
+        };
+        if known {
+            return;
+        }
         match event.role {
             Role::Server => {
                 let labels = self.port_labels(event.pid, &event.comm, event.lport);
@@ -512,10 +525,10 @@ impl Metrics {
     pub fn observe_event(&self, event: &Event) {
         match &event.detail {
             Detail::Open(open) => {
+                self.zero_problem_counters(event);
                 self.connections_opened
                     .get_or_create(&self.conn_labels(event))
                     .inc();
-                self.zero_problem_counters(event);
                 if let Some(us) = open.connect_us {
                     self.connect_duration
                         .get_or_create(&self.remote_labels(
