@@ -133,7 +133,17 @@ impl Materiality {
 
 /// Every finding currently known, and what was last reported of each.
 pub struct FindingBook {
-    current: LruCache<FindingKey, (Finding, Materiality), RandomState>,
+    current: LruCache<FindingKey, Entry, RandomState>,
+}
+
+struct Entry {
+    /// The latest evidence, unless `stale_since` says it has moved on.
+    finding: Finding,
+    /// What was last reported.
+    reported: Materiality,
+    /// When the evidence last changed without being rebuilt (see
+    /// [`FindingBook::update_with`]).
+    stale_since: Option<SystemTime>,
 }
 
 impl FindingBook {
@@ -147,26 +157,72 @@ impl FindingBook {
     /// its evidence changed materially since it was last reported.
     pub fn update(&mut self, finding: Finding, materiality: Materiality) -> Option<Finding> {
         let key = finding.key();
-        let report = match self.current.get(&key) {
-            None => true,
-            Some((_, reported)) => materiality.changed_from(reported),
-        };
-        if report {
-            self.current.put(key, (finding.clone(), materiality));
-            Some(finding)
-        } else {
-            // Keep the latest evidence for the report, but measure future changes
-            // against what was reported.
-            if let Some((kept, _)) = self.current.get_mut(&key) {
-                *kept = finding;
+        match self.current.get_mut(&key) {
+            // Keep the latest evidence for the report, but measure future
+            // changes against what was reported.
+            Some(entry) if !materiality.changed_from(&entry.reported) => {
+                entry.finding = finding;
+                entry.stale_since = None;
+                None
             }
-            None
+            _ => self.report(key, finding, materiality),
         }
     }
 
-    /// All current findings, most severe first.
-    pub fn all(&self) -> Vec<Finding> {
-        let mut findings: Vec<Finding> = self.current.iter().map(|(_, (f, _))| f.clone()).collect();
+    /// As [`update`](Self::update), for findings that are dear to build and
+    /// change with every event: `build` runs only when the change is material.
+    /// Otherwise the entry is marked stale, and [`all`](Self::all) has it
+    /// rebuilt.
+    pub fn update_with(
+        &mut self,
+        key: FindingKey,
+        materiality: Materiality,
+        ts: SystemTime,
+        build: impl FnOnce() -> Finding,
+    ) -> Option<Finding> {
+        match self.current.get_mut(&key) {
+            Some(entry) if !materiality.changed_from(&entry.reported) => {
+                entry.stale_since = Some(ts);
+                None
+            }
+            _ => self.report(key, build(), materiality),
+        }
+    }
+
+    fn report(
+        &mut self,
+        key: FindingKey,
+        finding: Finding,
+        reported: Materiality,
+    ) -> Option<Finding> {
+        self.current.put(
+            key,
+            Entry {
+                finding: finding.clone(),
+                reported,
+                stale_since: None,
+            },
+        );
+        Some(finding)
+    }
+
+    /// All current findings, most severe first. `rebuild` gives the latest
+    /// evidence of a stale one as of the time it is given (None keeps the
+    /// evidence last built).
+    pub fn all(
+        &self,
+        rebuild: impl Fn(&FindingKey, SystemTime) -> Option<Finding>,
+    ) -> Vec<Finding> {
+        let mut findings: Vec<Finding> = self
+            .current
+            .iter()
+            .map(|(key, entry)| {
+                entry
+                    .stale_since
+                    .and_then(|ts| rebuild(key, ts))
+                    .unwrap_or_else(|| entry.finding.clone())
+            })
+            .collect();
         findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.key().cmp(&b.key())));
         findings
     }
@@ -237,8 +293,8 @@ mod tests {
             book.update(finding(7), materiality(Severity::Error, 7, 1500.0))
                 .is_some()
         );
-        assert_eq!(book.all().len(), 1);
-        assert_eq!(book.all()[0].count, 7);
+        assert_eq!(book.all(|_, _| None).len(), 1);
+        assert_eq!(book.all(|_, _| None)[0].count, 7);
     }
 
     #[test]
@@ -246,7 +302,7 @@ mod tests {
         let mut book = FindingBook::new(NonZeroUsize::new(16).unwrap());
         book.update(finding(3), materiality(Severity::Warning, 3, 1000.0));
         book.update(finding(4), materiality(Severity::Warning, 4, 1000.0));
-        assert_eq!(book.all()[0].count, 4);
+        assert_eq!(book.all(|_, _| None)[0].count, 4);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use self::{
     estimate::{Estimate, GRACEFUL_MS, idle_timeout},
-    finding::{Finding, FindingBook, FindingKind, Materiality, Severity},
+    finding::{Finding, FindingBook, FindingKey, FindingKind, Materiality, Severity},
     samples::Samples,
 };
 use crate::event::{Close, ClosedBy, Detail, Direction, Event, Reset, Reuse, Role};
@@ -648,85 +648,28 @@ impl Diagnoser {
     }
 
     /// The peer keeps closing this client's idle connections after the same time.
+    /// Checked on every idle close by the peer, so the finding is built only
+    /// when its evidence changed materially (and for the report).
     fn mismatch(&mut self, event: &Event) -> Option<Finding> {
-        let jiffy = self.config.jiffy;
-        let stats = self.destinations.get(&destination(event))?;
-        let peer = stats.peer_idle_timeout(jiffy)?;
-        let timeout = peer.timeout_ms;
-        let pool_timeout = stats
-            .local_idle_timeout(jiffy)
-            .map(|e| e.timeout_ms)
-            .filter(|&local| local > timeout);
-        let max_reuse = stats.reuse_idle.max();
-        // What the client side is known to do beyond the peer's timeout.
-        let client_idle = pool_timeout.or(max_reuse.filter(|&reuse| reuse > timeout));
-        let severity = if stats.stale_reuses > 0 {
-            Severity::Error
-        } else {
-            Severity::Warning
-        };
-        let target = endpoint(event.raddr, event.rport);
-        let mut recommendation = format!(
-            "{} relies on {target} to end its idle pooled connections: the peer closed {} of \
-             them after {} idle, and every such close races the next request{}. Set the \
-             pool's idle timeout below {}",
-            stats.comm,
-            peer.samples,
-            human_ms(timeout),
-            if stats.stale_reuses > 0 {
-                format!(" ({} requests already hit it)", stats.stale_reuses)
-            } else {
-                String::new()
-            },
-            human_ms(safe_below(timeout)),
-        );
-        if let Some(knob) = pool_idle_knob(&stats.comm) {
-            recommendation.push_str(&format!(" ({knob})"));
-        }
-        match (pool_timeout, max_reuse.filter(|&reuse| reuse > timeout)) {
-            (Some(pool), _) => recommendation.push_str(&format!(
-                " (it closes them only after {}), or raise the peer's keep-alive timeout \
-                 above {}.",
-                human_ms(pool),
-                human_ms(pool)
-            )),
-            (None, Some(reuse)) => recommendation.push_str(&format!(
-                " (it reuses connections idle for up to {}), or raise the peer's keep-alive \
-                 timeout above {}.",
-                human_ms(reuse),
-                human_ms(reuse)
-            )),
-            (None, None) => recommendation
-                .push_str(", or raise the peer's keep-alive timeout above the pool's."),
-        }
-        let finding = Finding {
-            ts: event.ts,
-            event_type: "finding",
-            kind: FindingKind::IdleTimeoutMismatch,
-            severity,
-            pid: event.pid,
-            comm: stats.comm.clone(),
-            raddr: Some(event.raddr),
-            rport: Some(event.rport),
-            lport: None,
-            count: stats.peer_close_idle.total(),
-            evidence: json!({
-                "peer_idle_timeout_ms": timeout,
-                "peer_idle_closes": peer.samples,
-                "peer_closes_considered": peer.considered,
-                "pool_idle_timeout_ms": pool_timeout,
-                "max_reuse_idle_ms": max_reuse,
-                "client_idle_ms": client_idle,
-                "stale_reuses": stats.stale_reuses,
-            }),
-            recommendation,
-        };
+        let key = destination(event);
+        let stats = self.destinations.get(&key)?;
+        let peer = stats.peer_idle_timeout(self.config.jiffy)?;
         let materiality = Materiality {
-            severity,
-            count: finding.count,
-            figures: vec![timeout],
+            severity: mismatch_severity(stats),
+            count: stats.peer_close_idle.total(),
+            figures: vec![peer.timeout_ms],
         };
-        self.book.update(finding, materiality)
+        let finding_key = FindingKey {
+            kind: FindingKind::IdleTimeoutMismatch,
+            pid: key.pid,
+            remote: Some((key.raddr, key.rport)),
+            lport: None,
+        };
+        let (destinations, jiffy, ts) = (&self.destinations, self.config.jiffy, event.ts);
+        self.book.update_with(finding_key, materiality, ts, || {
+            let stats = destinations.peek(&key).expect("looked up above");
+            mismatch_finding(stats, jiffy, &key, ts).expect("estimated above")
+        })
     }
 
     /// A server answered data on a connection it had closed with a reset: the
@@ -885,7 +828,18 @@ impl Diagnoser {
 
     /// Every finding currently known, most severe first.
     pub fn findings(&self) -> Vec<Finding> {
-        self.book.all()
+        self.book.all(|key, ts| match (key.kind, key.remote) {
+            (FindingKind::IdleTimeoutMismatch, Some((raddr, rport))) => {
+                let destination = DestinationKey {
+                    pid: key.pid,
+                    raddr,
+                    rport,
+                };
+                let stats = self.destinations.peek(&destination)?;
+                mismatch_finding(stats, self.config.jiffy, &destination, ts)
+            }
+            _ => None,
+        })
     }
 
     pub fn destinations(&self) -> impl Iterator<Item = (&DestinationKey, &ConnectionStats)> {
@@ -899,6 +853,90 @@ impl Diagnoser {
 
 fn connection(event: &Event) -> ConnectionKey {
     (event.pid, event.lport, event.raddr, event.rport)
+}
+
+fn mismatch_severity(stats: &ConnectionStats) -> Severity {
+    if stats.stale_reuses > 0 {
+        Severity::Error
+    } else {
+        Severity::Warning
+    }
+}
+
+/// The idle_timeout_mismatch finding of a destination as of `ts`, once its
+/// peer's idle timeout is inferred.
+fn mismatch_finding(
+    stats: &ConnectionStats,
+    jiffy: Duration,
+    key: &DestinationKey,
+    ts: SystemTime,
+) -> Option<Finding> {
+    let peer = stats.peer_idle_timeout(jiffy)?;
+    let timeout = peer.timeout_ms;
+    let pool_timeout = stats
+        .local_idle_timeout(jiffy)
+        .map(|e| e.timeout_ms)
+        .filter(|&local| local > timeout);
+    let max_reuse = stats.reuse_idle.max();
+    // What the client side is known to do beyond the peer's timeout.
+    let client_idle = pool_timeout.or(max_reuse.filter(|&reuse| reuse > timeout));
+    let target = endpoint(key.raddr, key.rport);
+    let mut recommendation = format!(
+        "{} relies on {target} to end its idle pooled connections: the peer closed {} of \
+         them after {} idle, and every such close races the next request{}. Set the pool's \
+         idle timeout below {}",
+        stats.comm,
+        peer.samples,
+        human_ms(timeout),
+        if stats.stale_reuses > 0 {
+            format!(" ({} requests already hit it)", stats.stale_reuses)
+        } else {
+            String::new()
+        },
+        human_ms(safe_below(timeout)),
+    );
+    if let Some(knob) = pool_idle_knob(&stats.comm) {
+        recommendation.push_str(&format!(" ({knob})"));
+    }
+    match (pool_timeout, max_reuse.filter(|&reuse| reuse > timeout)) {
+        (Some(pool), _) => recommendation.push_str(&format!(
+            " (it closes them only after {}), or raise the peer's keep-alive timeout \
+             above {}.",
+            human_ms(pool),
+            human_ms(pool)
+        )),
+        (None, Some(reuse)) => recommendation.push_str(&format!(
+            " (it reuses connections idle for up to {}), or raise the peer's keep-alive \
+             timeout above {}.",
+            human_ms(reuse),
+            human_ms(reuse)
+        )),
+        (None, None) => {
+            recommendation.push_str(", or raise the peer's keep-alive timeout above the pool's.")
+        }
+    }
+    Some(Finding {
+        ts,
+        event_type: "finding",
+        kind: FindingKind::IdleTimeoutMismatch,
+        severity: mismatch_severity(stats),
+        pid: key.pid,
+        comm: stats.comm.clone(),
+        raddr: Some(key.raddr),
+        rport: Some(key.rport),
+        lport: None,
+        count: stats.peer_close_idle.total(),
+        evidence: json!({
+            "peer_idle_timeout_ms": timeout,
+            "peer_idle_closes": peer.samples,
+            "peer_closes_considered": peer.considered,
+            "pool_idle_timeout_ms": pool_timeout,
+            "max_reuse_idle_ms": max_reuse,
+            "client_idle_ms": client_idle,
+            "stale_reuses": stats.stale_reuses,
+        }),
+        recommendation,
+    })
 }
 
 fn destination(event: &Event) -> DestinationKey {

@@ -540,6 +540,21 @@ fn findings_are_not_repeated_for_every_event() {
 }
 
 #[test]
+fn the_report_has_the_latest_evidence_of_findings_not_reported_again() {
+    let mut d = diagnoser();
+    let reported = feed(&mut d, &peer_closes(5, &[1000]));
+    assert_eq!(reported[0].count, 3);
+    let last = reported[0].ts;
+    // Closes 4 and 5 changed nothing material: not reported, but the report
+    // counts them, as of the last one.
+    let report = d.findings();
+    assert_eq!(report.len(), 1);
+    assert_eq!(report[0].count, 5);
+    assert_eq!(report[0].evidence["peer_idle_closes"], 5);
+    assert!(report[0].ts > last);
+}
+
+#[test]
 fn report_groups_by_process_then_destination() {
     let mut d = diagnoser();
     feed(&mut d, &peer_closes(4, &[1000]));
