@@ -89,7 +89,7 @@ pub enum ListenQueueError {
 /// connections as on an idle one.
 pub fn listening_sockets() -> Result<Vec<ListenerQueue>, ListenQueueError> {
     let mut listeners = Vec::new();
-    sock_diag::dump_tcp(StateFlags::LISTEN, |socket| {
+    sock_diag::dump_tcp(StateFlags::LISTEN, None, |socket| {
         listeners.extend(listener(socket));
     })?;
     Ok(listeners)

@@ -58,7 +58,14 @@ pub struct Pipeline {
     /// Owners of socket inodes, for listeners that predate the agent.
     inode_owners: HashMap<u64, owners::ProcOwner>,
     inode_owners_read: Option<std::time::Instant>,
+    /// The latest look at the churning destinations' surroundings, and when.
+    surroundings: Option<(std::time::Instant, Surroundings)>,
 }
+
+/// How long TIME_WAIT counts are reused: a dump walks the kernel's whole
+/// connection table (tens of ms with 100k sockets), and the counts feed
+/// findings about minutes-long trends.
+const SURROUNDINGS_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// What one step produced.
 #[derive(Debug, Default)]
@@ -115,6 +122,7 @@ impl Pipeline {
             netns_drops: HashMap::new(),
             inode_owners: HashMap::new(),
             inode_owners_read: None,
+            surroundings: None,
         })
     }
 
@@ -164,7 +172,7 @@ impl Pipeline {
             .findings
             .extend(self.diagnoser.close_wait_scan(now, &waiting));
         let counters = self.session.pools();
-        let around = self.surroundings();
+        let around = self.cached_surroundings();
         batch
             .findings
             .extend(self.diagnoser.pool_scan(now, &counters, &around));
@@ -180,14 +188,34 @@ impl Pipeline {
         });
     }
 
+    /// [`surroundings`](Self::surroundings), looked at again when they are
+    /// older than [`SURROUNDINGS_MAX_AGE`] or a destination started churning.
+    fn cached_surroundings(&mut self) -> Surroundings {
+        let candidates = self.diagnoser.churn_candidates();
+        let fresh = self.surroundings.as_ref().is_some_and(|(at, around)| {
+            at.elapsed() < SURROUNDINGS_MAX_AGE
+                && candidates
+                    .iter()
+                    .all(|key| around.time_wait.contains_key(key))
+        });
+        if !fresh {
+            let around = self.surroundings(candidates);
+            self.surroundings = Some((std::time::Instant::now(), around));
+        }
+        self.surroundings
+            .as_ref()
+            .map(|(_, around)| around.clone())
+            .unwrap_or_default()
+    }
+
     /// TIME_WAIT counts and port ranges for the destinations that churn. TIME_WAIT
     /// sockets belong to no process, only to a network namespace: one dump per
     /// namespace counts them for all its destinations.
-    fn surroundings(&self) -> Surroundings {
+    fn surroundings(&self, candidates: Vec<diagnosis::DestinationKey>) -> Surroundings {
         use std::os::unix::fs::MetadataExt as _;
         let mut around = Surroundings::default();
         let mut by_netns: HashMap<u64, Vec<diagnosis::DestinationKey>> = HashMap::new();
-        for key in self.diagnoser.churn_candidates() {
+        for key in candidates {
             if let Entry::Vacant(slot) = around.port_range.entry(key.pid)
                 && let Some(size) = port_range_size(key.pid)
             {
