@@ -14,7 +14,7 @@ use tracer_common::{
 };
 
 use crate::{
-    btf_offsets::{BtfError, KernelBtf},
+    btf_offsets::{BtfError, KernelBtf, VMLINUX_BTF},
     clock::Jiffies,
     tracefs::{Tracefs, TracefsError},
 };
@@ -162,6 +162,9 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     let tracefs = Tracefs::find_or_mount()?;
     let kernel_btf = KernelBtf::load(options.btf.as_deref())?;
     let offsets = kernel_btf.kernel_offsets()?;
+    let btf_hooks = BtfHooks::new(&kernel_btf);
+    // Its types take tens of MB, and aya parses the same BTF next.
+    drop(kernel_btf);
     let tp_offsets = tracefs.tracepoint_offsets()?;
     let mut config = options.filter.config();
     config.min_idle_jiffies = jiffies.ceil_from(options.min_idle);
@@ -169,7 +172,14 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
         config.state_source = STATE_FROM_FUNCTION;
     }
 
-    let mut ebpf = EbpfLoader::new()
+    // aya's own parse, for relocations and the BTF hooks: the loader parses
+    // /sys/kernel/btf/vmlinux when created, which is dropped before the BTF the
+    // hooks use (also --btf's) is parsed, so that two never live at once.
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    let btf = btf_hooks.btf()?;
+    let mut ebpf = loader
+        .btf(Some(btf))
         .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
         .map_max_entries(MAP_SOCKS, options.max_sockets)
         .override_global(GLOBAL_CONFIG, &config, true)
@@ -179,10 +189,6 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
         .map_err(LoadError::Load)?;
 
     let mut report = AttachReport::default();
-    let btf_hooks = BtfHooks {
-        kernel_btf: &kernel_btf,
-        parsed: OnceCell::new(),
-    };
     attach_state_hook(&mut ebpf, options, &btf_hooks, &tracefs, &mut report)?;
     // Without these the lifecycle still works; what each one adds is named when it
     // is missing.
@@ -268,7 +274,19 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
             )),
         }
     }
+    drop(btf_hooks);
+    release_freed_memory();
     Ok(Loaded { ebpf, report })
+}
+
+/// Hands the BTF parses' freed pages back to the kernel: glibc keeps freed heap
+/// for reuse, and the agent would otherwise hold ~10 MB it never needs again.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
@@ -368,11 +386,10 @@ pub fn try_function_hooks(
     loaded: &mut Loaded,
     options: &Options,
 ) -> Vec<(String, Result<(), String>)> {
-    let Ok(kernel_btf) = KernelBtf::load(options.btf.as_deref()) else {
-        return Vec::new();
-    };
     let btf_hooks = BtfHooks {
-        kernel_btf: &kernel_btf,
+        path: options.btf.clone().unwrap_or_else(|| VMLINUX_BTF.into()),
+        // fentry needs no tracepoint.
+        btf_tracepoints: Vec::new(),
         parsed: OnceCell::new(),
     };
     let describe = |result: Result<(), LoadError>| {
@@ -418,12 +435,32 @@ fn attach_kprobe(ebpf: &mut Ebpf, program: &'static str, function: &str) -> Resu
 }
 
 /// BTF tracepoints, with the kernel BTF parsed for aya once, when first needed.
-struct BtfHooks<'a> {
-    kernel_btf: &'a KernelBtf,
+struct BtfHooks {
+    path: PathBuf,
+    /// Those of [`BTF_TRACEPOINTS`] the kernel has.
+    btf_tracepoints: Vec<&'static str>,
     parsed: OnceCell<Btf>,
 }
 
-impl BtfHooks<'_> {
+/// The tracepoints hooked in their BTF flavour.
+const BTF_TRACEPOINTS: [&str; 3] = [
+    "inet_sock_set_state",
+    "sock_send_length",
+    "sock_recv_length",
+];
+
+impl BtfHooks {
+    fn new(kernel_btf: &KernelBtf) -> Self {
+        Self {
+            path: kernel_btf.path().to_owned(),
+            btf_tracepoints: BTF_TRACEPOINTS
+                .into_iter()
+                .filter(|name| kernel_btf.has_btf_tracepoint(name))
+                .collect(),
+            parsed: OnceCell::new(),
+        }
+    }
+
     fn attach(
         &self,
         ebpf: &mut Ebpf,
@@ -434,7 +471,7 @@ impl BtfHooks<'_> {
             hook: format!("tp_btf/{tracepoint}"),
             source,
         };
-        if !self.kernel_btf.has_btf_tracepoint(tracepoint) {
+        if !self.btf_tracepoints.contains(&tracepoint) {
             return Err(attach_error(ProgramError::UnexpectedProgramType));
         }
         let btf = self.btf()?;
@@ -466,8 +503,8 @@ impl BtfHooks<'_> {
         if let Some(btf) = self.parsed.get() {
             return Ok(btf);
         }
-        let btf = Btf::parse_file(self.kernel_btf.path(), aya::Endianness::default())
-            .map_err(LoadError::AyaBtf)?;
+        let btf =
+            Btf::parse_file(&self.path, aya::Endianness::default()).map_err(LoadError::AyaBtf)?;
         Ok(self.parsed.get_or_init(|| btf))
     }
 }
