@@ -18,7 +18,9 @@ pub const FILTER_PORT: u32 = 1 << 1;
 /// `Config::filters` bit: only sockets owned by a process named `filter_comm`.
 pub const FILTER_COMM: u32 = 1 << 2;
 
-#[repr(C)]
+/// Aligned to 8 so that `filter_comm` is compared in words (see
+/// [`crate::event::Endpoints`]).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Config {
     /// `FILTER_*` bits: which filters apply to emitted events.

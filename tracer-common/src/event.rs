@@ -54,8 +54,11 @@ pub struct EventHeader {
 }
 
 /// Both ends of a connection as this socket sees them. Ports are in host byte
-/// order; addresses in network order, IPv4 in the first four bytes.
-#[repr(C)]
+/// order; addresses in network order, IPv4 in the first four bytes. Aligned to
+/// 8 (no layout changes: every holder has it at a multiple of 8) so that the BPF
+/// backend copies it in words: byte-wise copies of the addresses spill a stack
+/// slot per byte, past the verifier's 512-byte stack.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoints {
     pub family: u16,

@@ -54,8 +54,9 @@ pub struct ListenerKey {
     pub _pad: u16,
 }
 
-/// A process that owns a socket.
-#[repr(C)]
+/// A process that owns a socket. Aligned to 8 for word copies of `comm`, as
+/// [`crate::event::Endpoints`] is.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug)]
 pub struct Owner {
     pub pid: u32,
@@ -128,8 +129,8 @@ pub const POOL_SERVER: u16 = 2;
 
 /// A process's connections to one destination (client side: `addr`:`port` is
 /// the remote endpoint) or on one listening port (server side: `port` is the
-/// local port, `addr` is zero).
-#[repr(C)]
+/// local port, `addr` is zero). Aligned to 8 for word copies of `addr`.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolKey {
     pub pid: u32,

@@ -8,7 +8,7 @@ use tracer_common::{
 };
 
 use crate::{
-    globals::config,
+    globals::{config, filter_comm},
     maps::{EVENTS, count, note_ring_buffer_fill},
 };
 
@@ -41,18 +41,22 @@ pub fn now_ns() -> u64 {
 
 #[inline(always)]
 fn wanted(owner: &Owner, conn: &Endpoints) -> bool {
-    let config = config();
-    if config.filters & FILTER_PID != 0 && owner.pid != config.filter_pid {
+    let filters = config!(filters);
+    if filters & FILTER_PID != 0 && owner.pid != config!(filter_pid) {
         return false;
     }
-    if config.filters & FILTER_PORT != 0
-        && conn.lport != config.filter_port
-        && conn.rport != config.filter_port
-    {
-        return false;
+    if filters & FILTER_PORT != 0 {
+        let port = config!(filter_port);
+        if conn.lport != port && conn.rport != port {
+            return false;
+        }
     }
-    if config.filters & FILTER_COMM != 0 && owner.comm != config.filter_comm {
-        return false;
+    if filters & FILTER_COMM != 0 {
+        // SAFETY: `Owner` is 8-aligned with `comm` at offset 8.
+        let comm = unsafe { (&raw const owner.comm).cast::<[u64; 2]>().read() };
+        if comm != filter_comm() {
+            return false;
+        }
     }
     true
 }
@@ -69,19 +73,27 @@ pub fn header<T>(kind: EventKind, ts_ns: u64, owner: &Owner) -> EventHeader {
     }
 }
 
-/// Emits the event `build` makes, unless the filters reject it. A full ring buffer
-/// is counted, never silent.
+/// Emits an event unless the filters reject it; a full ring buffer is counted,
+/// never silent. `fill` sets the fields in the ring buffer's own memory: built on
+/// the stack and copied, every event would take its size of stack again, and the
+/// verifier allows 512 bytes for a whole chain of calls (kernels before 6.x count
+/// every frame of it, whichever path runs).
 #[inline(always)]
-pub fn emit<T: 'static>(owner: &Owner, conn: &Endpoints, build: impl FnOnce() -> T) {
+pub fn emit<T: 'static>(owner: &Owner, conn: &Endpoints, fill: impl FnOnce(&mut T)) {
     if !wanted(owner, conn) {
         return;
     }
-    match EVENTS.reserve::<T>(0) {
-        Some(mut entry) => {
-            entry.write(build());
-            entry.submit(0);
-            note_ring_buffer_fill();
-        }
-        None => count(Counter::EventsLost),
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
+        count(Counter::EventsLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: events are `repr(C)` integers and byte arrays, valid when all zero;
+    // zeroing also defines their padding before the record reaches userspace.
+    unsafe {
+        event.write_bytes(0, 1);
+        fill(&mut *event);
     }
+    entry.submit(0);
+    note_ring_buffer_fill();
 }

@@ -108,6 +108,8 @@ pub fn abandon(local: &mut SockLocal) {
     }
 }
 
+#[inline(never)]
+
 pub fn on_send(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_RESPONDER != 0 {
         finish(local);
@@ -115,6 +117,8 @@ pub fn on_send(sock: Sock, local: &mut SockLocal) {
         start(sock, local);
     }
 }
+
+#[inline(never)]
 
 pub fn on_receive(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_RESPONDER != 0 {

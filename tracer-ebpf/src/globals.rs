@@ -5,7 +5,7 @@
 use tracer_common::config::{Config, KernelOffsets, TracepointOffsets};
 
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config {
+pub(crate) static CONFIG: Config = Config {
     filters: 0,
     filter_pid: 0,
     filter_port: 0,
@@ -67,10 +67,21 @@ static TP_OFFSETS: TracepointOffsets = TracepointOffsets {
     retransmit_err: 0,
 };
 
+/// Reads one field of the config. Field by field: a volatile read of the whole
+/// struct is done byte by byte, a stack slot per byte of `filter_comm`.
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: a plain read of a field of a static.
+        unsafe { core::ptr::read_volatile(&raw const $crate::globals::CONFIG.$field) }
+    };
+}
+pub(crate) use config;
+
+/// `filter_comm` as two words (the config is 8-aligned, and so is it).
 #[inline(always)]
-pub fn config() -> Config {
-    // SAFETY: a plain read of a static.
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+pub fn filter_comm() -> [u64; 2] {
+    // SAFETY: as above; the cast keeps size and alignment.
+    unsafe { core::ptr::read_volatile((&raw const CONFIG.filter_comm).cast::<[u64; 2]>()) }
 }
 
 #[inline(always)]

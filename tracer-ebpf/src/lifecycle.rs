@@ -22,6 +22,7 @@ use crate::{
     maps::{CLOSE_WAITS, CONNECTS, FAILED_CONNECTS, LISTENERS, RECENTLY_CLOSED, SOCKS, count},
 };
 
+#[inline(always)]
 pub fn on_state_change(sk: u64, old: u32, new: u32) -> Result<(), i64> {
     let sock = Sock(sk);
     if sock.protocol()? != IPPROTO_TCP {
@@ -48,6 +49,7 @@ pub fn on_state_change(sk: u64, old: u32, new: u32) -> Result<(), i64> {
     }
 }
 
+#[inline(always)]
 fn listener_key(sock: Sock) -> Result<ListenerKey, i64> {
     Ok(ListenerKey {
         netns: sock.netns()?,
@@ -57,6 +59,7 @@ fn listener_key(sock: Sock) -> Result<ListenerKey, i64> {
 }
 
 /// listen(): process context, the caller owns the listener.
+#[inline(never)]
 fn listening(sock: Sock) -> Result<(), i64> {
     let owner = current_owner(ROLE_SERVER);
     LISTENERS
@@ -64,6 +67,7 @@ fn listening(sock: Sock) -> Result<(), i64> {
         .map_err(i64::from)
 }
 
+#[inline(always)]
 fn new_state(owner: &Owner, tid: u32) -> SockState {
     SockState {
         pid: owner.pid,
@@ -81,6 +85,7 @@ fn new_state(owner: &Owner, tid: u32) -> SockState {
     }
 }
 
+#[inline(always)]
 fn owner_of(state: &SockState) -> Owner {
     Owner {
         pid: state.pid,
@@ -89,6 +94,7 @@ fn owner_of(state: &SockState) -> Owner {
     }
 }
 
+#[inline(always)]
 fn insert(sk: u64, state: &SockState) -> Result<&'static mut SockState, i64> {
     if SOCKS.insert(sk, state, 0).is_err() {
         count(Counter::SockStateInsertFailed);
@@ -98,12 +104,14 @@ fn insert(sk: u64, state: &SockState) -> Result<&'static mut SockState, i64> {
     lookup(sk)
 }
 
+#[inline(always)]
 fn forget(sk: u64) {
     if SOCKS.remove(sk).is_ok() {
         count(Counter::SockStateRemoved);
     }
 }
 
+#[inline(always)]
 fn lookup(sk: u64) -> Result<&'static mut SockState, i64> {
     match SOCKS.get_ptr_mut(sk) {
         // SAFETY: map values stay valid while the program runs.
@@ -115,6 +123,7 @@ fn lookup(sk: u64) -> Result<&'static mut SockState, i64> {
 /// The state of a socket first seen mid-life (it existed before the agent started,
 /// or its entry was evicted): role unknown, owner the current task only when the
 /// transition happens in process context.
+#[inline(always)]
 fn lookup_or_adopt(sk: u64, process_context: bool) -> Result<&'static mut SockState, i64> {
     if let Ok(state) = lookup(sk) {
         if process_context && state.pid == 0 {
@@ -138,6 +147,7 @@ fn lookup_or_adopt(sk: u64, process_context: bool) -> Result<&'static mut SockSt
 
 /// connect(): process context. A stale entry left by a reused socket address is
 /// overwritten.
+#[inline(never)]
 fn connecting(sk: u64, now: u64) -> Result<(), i64> {
     let _ = FAILED_CONNECTS.remove(sk);
     let owner = current_owner(ROLE_CLIENT);
@@ -146,6 +156,7 @@ fn connecting(sk: u64, now: u64) -> Result<(), i64> {
     insert(sk, &state).map(|_| ())
 }
 
+#[inline(never)]
 fn client_established(sock: Sock, now: u64) -> Result<(), i64> {
     let state = match lookup(sock.0) {
         Ok(state) => state,
@@ -172,6 +183,7 @@ fn client_established(sock: Sock, now: u64) -> Result<(), i64> {
 /// The handshake of an accepted connection completed: softirq. The owner is the
 /// listener's until the process accepts it (see `syscalls::on_accept_exit`), which
 /// is also when the open event goes out.
+#[inline(never)]
 fn server_established(sock: Sock, now: u64) -> Result<(), i64> {
     let owner = match LISTENERS.get_ptr(listener_key(sock)?) {
         // SAFETY: map values stay valid while the program runs.
@@ -203,11 +215,11 @@ pub fn emit_open(
     } else {
         now
     };
-    emit(&owner, &conn, || OpenEvent {
-        header: header::<OpenEvent>(EventKind::Open, ts, &owner),
-        conn,
-        connect_ns,
-        accept_wait_ns,
+    emit(&owner, &conn, |event: &mut OpenEvent| {
+        event.header = header::<OpenEvent>(EventKind::Open, ts, &owner);
+        event.conn = conn;
+        event.connect_ns = connect_ns;
+        event.accept_wait_ns = accept_wait_ns;
     });
     Ok(())
 }
@@ -216,6 +228,7 @@ pub fn emit_open(
 /// error (refused, timed out, unreachable) it is reported here, and the connect()
 /// call is marked so that its return value is not reported twice. Failures without
 /// `sk_err` (EADDRNOTAVAIL while picking a port) are left to the syscall exit.
+#[inline(never)]
 fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
     let Ok(state) = lookup(sock.0) else {
         return Ok(());
@@ -230,12 +243,11 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
         } else {
             0
         };
-        emit(&owner, &conn, || ConnectErrorEvent {
-            header: header::<ConnectErrorEvent>(EventKind::ConnectError, now, &owner),
-            conn,
-            connect_ns,
-            errno,
-            _pad: 0,
+        emit(&owner, &conn, |event: &mut ConnectErrorEvent| {
+            event.header = header::<ConnectErrorEvent>(EventKind::ConnectError, now, &owner);
+            event.conn = conn;
+            event.connect_ns = connect_ns;
+            event.errno = errno;
         });
         let tid_key = ((state.pid as u64) << 32) | state.tid as u64;
         if let Some(call) = CONNECTS.get_ptr_mut(tid_key) {
@@ -252,6 +264,7 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
 
 /// The first FIN or RST on an established connection: remember when, how long the
 /// connection had been idle, and whether a request was outstanding.
+#[inline(always)]
 fn mark_first_close(sock: Sock, state: &mut SockState, now: u64, by: ClosedBy) {
     state.flags |= SOCK_CLOSING | SOCK_IDLE_KNOWN;
     if sock.awaiting_reply().unwrap_or(false) {
@@ -264,6 +277,7 @@ fn mark_first_close(sock: Sock, state: &mut SockState, now: u64, by: ClosedBy) {
 
 /// The first FIN, sent (`Local`) or received (`Peer`). A peer's FIN starts
 /// CLOSE_WAIT, which the leak scan watches until the process closes its side.
+#[inline(never)]
 fn first_fin(sock: Sock, now: u64, by: ClosedBy, process_context: bool) -> Result<(), i64> {
     let state = lookup_or_adopt(sock.0, process_context)?;
     if state.flags & SOCK_CLOSING != 0 {
@@ -283,6 +297,7 @@ fn first_fin(sock: Sock, now: u64, by: ClosedBy, process_context: bool) -> Resul
 
 /// CLOSE_WAIT to LAST_ACK: the process finally closed a connection its peer had
 /// closed. Process context.
+#[inline(never)]
 fn closed_after_peer(sock: Sock, now: u64) -> Result<(), i64> {
     let state = lookup_or_adopt(sock.0, true)?;
     let _ = CLOSE_WAITS.remove(sock.0);
@@ -294,6 +309,7 @@ fn closed_after_peer(sock: Sock, now: u64) -> Result<(), i64> {
 }
 
 /// How a connection that reached CLOSE without an earlier FIN ended.
+#[inline(always)]
 fn abort_cause(state: &SockState, old: u32, errno: u32) -> ClosedBy {
     const EPIPE: u32 = 32;
     const ECONNABORTED: u32 = 103;
@@ -316,6 +332,7 @@ fn abort_cause(state: &SockState, old: u32, errno: u32) -> ClosedBy {
     }
 }
 
+#[inline(never)]
 fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
     let state = match lookup(sock.0) {
         Ok(state) => state,
@@ -368,25 +385,22 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
     }
     let owner = owner_of(state);
     let conn = sock.endpoints()?;
-    let event = CloseEvent {
-        header: header::<CloseEvent>(EventKind::Close, now, &owner),
-        conn,
-        duration_ns: if state.open_ns != 0 {
-            now - state.open_ns
-        } else {
-            0
-        },
-        bytes_sent: sock.bytes_sent().unwrap_or(0),
-        bytes_received: sock.bytes_received().unwrap_or(0),
-        close_wait_ns: state.close_wait_ns,
-        idle_jiffies: state.idle_jiffies,
-        closed_by: state.closed_by,
-        errno,
-        flags,
-        srtt_us: sock.srtt_us().unwrap_or(0),
-        total_retrans: sock.total_retrans().unwrap_or(0),
-    };
-    emit(&owner, &conn, || event);
+    emit(&owner, &conn, |event: &mut CloseEvent| {
+        event.header = header::<CloseEvent>(EventKind::Close, now, &owner);
+        event.conn = conn;
+        if state.open_ns != 0 {
+            event.duration_ns = now - state.open_ns;
+        }
+        event.bytes_sent = sock.bytes_sent().unwrap_or(0);
+        event.bytes_received = sock.bytes_received().unwrap_or(0);
+        event.close_wait_ns = state.close_wait_ns;
+        event.idle_jiffies = state.idle_jiffies;
+        event.closed_by = state.closed_by;
+        event.errno = errno;
+        event.flags = flags;
+        event.srtt_us = sock.srtt_us().unwrap_or(0);
+        event.total_retrans = sock.total_retrans().unwrap_or(0);
+    });
     let closed = ClosedConn {
         owner,
         close_ns: now,

@@ -40,7 +40,7 @@ pub fn storage(sk: *mut c_void, create: bool) -> Option<&'static mut SockLocal> 
 /// a connected one asks — or, for connections that predate the agent, from
 /// which way their first payload went. `already_sent` is what this very send
 /// added.
-#[inline(always)]
+#[inline(never)]
 pub fn classify(sock: Sock, local: &mut SockLocal, already_sent: u64) -> Result<(), i64> {
     if local.flags & LOCAL_SEEN != 0 {
         return Ok(());

@@ -38,7 +38,7 @@ use tracer_common::{
 /// probe on tcp_set_state does (then only the start of listening).
 #[inline(always)]
 fn tracepoint_reports(old: u32, new: u32) -> bool {
-    globals::config().state_source == STATE_FROM_TRACEPOINT
+    globals::config!(state_source) == STATE_FROM_TRACEPOINT
         || (old == TCP_CLOSE && new == TCP_LISTEN)
 }
 

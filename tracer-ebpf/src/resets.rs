@@ -63,16 +63,15 @@ fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
         }
         None => (0, 0),
     };
-    emit(&owner, &conn, || ResetEvent {
-        header: header::<ResetEvent>(EventKind::Reset, now, &owner),
-        conn,
-        direction,
-        state,
-        idle_jiffies,
-        flags,
-        since_close_ns,
-        closed_by,
-        _pad: 0,
+    emit(&owner, &conn, |event: &mut ResetEvent| {
+        event.header = header::<ResetEvent>(EventKind::Reset, now, &owner);
+        event.conn = conn;
+        event.direction = direction;
+        event.state = state;
+        event.idle_jiffies = idle_jiffies;
+        event.flags = flags;
+        event.since_close_ns = since_close_ns;
+        event.closed_by = closed_by;
     });
     Ok(())
 }
@@ -108,13 +107,13 @@ pub fn on_retransmit(sk: u64) -> Result<(), i64> {
     };
     let total_retrans = sock.total_retrans().unwrap_or(0);
     let now = now_ns();
-    emit(&owner, &conn, || RetransmitEvent {
-        header: header::<RetransmitEvent>(EventKind::Retransmit, now, &owner),
-        conn,
-        state,
-        idle_jiffies,
-        total_retrans,
-        flags,
+    emit(&owner, &conn, |event: &mut RetransmitEvent| {
+        event.header = header::<RetransmitEvent>(EventKind::Retransmit, now, &owner);
+        event.conn = conn;
+        event.state = state;
+        event.idle_jiffies = idle_jiffies;
+        event.total_retrans = total_retrans;
+        event.flags = flags;
     });
     Ok(())
 }

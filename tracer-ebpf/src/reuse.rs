@@ -31,6 +31,7 @@ pub fn peer_closed(sk: *mut c_void) {
 
 /// A send of `bytes` on a classified socket: report it when it reuses the
 /// connection after idleness, or when the peer had already closed it.
+#[inline(never)]
 pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64> {
     // The connection's first payload is no reuse; neither is a server's reply,
     // whose wait is processing time.
@@ -59,7 +60,7 @@ pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64>
             <= 0;
     let reuse = !first_payload
         && local.flags & LOCAL_RESPONDER == 0
-        && idle_jiffies >= config().min_idle_jiffies;
+        && idle_jiffies >= config!(min_idle_jiffies);
     if !stale && !reuse {
         return Ok(());
     }
@@ -82,13 +83,13 @@ pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64>
     let owner = current_owner(role);
     let tcp_state = sock.state()?;
     let ts = now_ns();
-    emit(&owner, &conn, || ReuseEvent {
-        header: header::<ReuseEvent>(EventKind::Reuse, ts, &owner),
-        conn,
-        idle_jiffies,
-        bytes,
-        state: tcp_state,
-        flags,
+    emit(&owner, &conn, |event: &mut ReuseEvent| {
+        event.header = header::<ReuseEvent>(EventKind::Reuse, ts, &owner);
+        event.conn = conn;
+        event.idle_jiffies = idle_jiffies;
+        event.bytes = bytes;
+        event.state = tcp_state;
+        event.flags = flags;
     });
     Ok(())
 }

@@ -93,12 +93,11 @@ pub fn on_connect_exit(ret: i64) -> Result<(), i64> {
         conn.lport = local.lport;
         conn.laddr = local.laddr;
     }
-    emit(&owner, &conn, || ConnectErrorEvent {
-        header: header::<ConnectErrorEvent>(EventKind::ConnectError, now, &owner),
-        conn,
-        connect_ns: now - call.start_ns,
-        errno: errno as u32,
-        _pad: 0,
+    emit(&owner, &conn, |event: &mut ConnectErrorEvent| {
+        event.header = header::<ConnectErrorEvent>(EventKind::ConnectError, now, &owner);
+        event.conn = conn;
+        event.connect_ns = now - call.start_ns;
+        event.errno = errno as u32;
     });
     Ok(())
 }

@@ -9,6 +9,7 @@ use tracer_common::state::{PoolKey, SockLocal};
 
 use crate::{exchange, kernel::Sock, local, reuse};
 
+#[inline(never)]
 pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
     let sock = Sock(sk as u64);
     if !sock.is_tcp()? {
@@ -22,6 +23,7 @@ pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
     reuse::on_send(sock, local, bytes)
 }
 
+#[inline(never)]
 pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
     let sock = Sock(sk as u64);
     if !sock.is_tcp()? {
@@ -37,6 +39,7 @@ pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
 
 /// The socket starts connecting: whatever its storage held belongs to an earlier
 /// connection (connect() again after AF_UNSPEC, or after a failure).
+#[inline(never)]
 pub fn on_connect(sk: *mut c_void) {
     if let Some(local) = local::storage(sk, false) {
         *local = SockLocal {
@@ -52,6 +55,7 @@ pub fn on_connect(sk: *mut c_void) {
 }
 
 /// The connection reached CLOSE: a request in progress is abandoned.
+#[inline(never)]
 pub fn on_close(sk: *mut c_void) {
     if let Some(local) = local::storage(sk, false) {
         exchange::abandon(local);
