@@ -19,10 +19,21 @@ use std::{
 use tracer::{
     diagnosis::{self, Diagnoser, finding::Finding},
     event::{Close, Detail, Event},
-    loader::{AttachReport, Filter, Options},
+    loader::{AttachReport, Filter, Options, StateHook},
     pipeline::{Batch, Pipeline},
     session::Stats,
 };
+
+/// The state hook `TRACER_STATE_HOOK` asks for: the kernel matrix runs suites
+/// again with state changes hooked by fentry or kprobe, through the variable
+/// the agent itself reads.
+pub fn forced_state_hook() -> Option<StateHook> {
+    let value = std::env::var("TRACER_STATE_HOOK").ok()?;
+    Some(
+        <StateHook as clap::ValueEnum>::from_str(&value, true)
+            .unwrap_or_else(|e| panic!("TRACER_STATE_HOOK={value}: {e}")),
+    )
+}
 
 /// Tolerance for durations measured from jiffies (4 ms here) plus scheduling.
 pub const TOLERANCE_MS: f64 = 25.0;
@@ -72,8 +83,15 @@ impl Trace {
         Self::start_diagnosing(options, diagnosis::Config::default())
     }
 
-    pub fn start_diagnosing(options: Options, diagnosis: diagnosis::Config) -> Self {
+    /// Starts a session; `TRACER_STATE_HOOK` replaces an `Auto` state hook, as it
+    /// does for the agent (see [`forced_state_hook`]).
+    pub fn start_diagnosing(mut options: Options, diagnosis: diagnosis::Config) -> Self {
         require_root();
+        if options.state_hook == StateHook::Auto
+            && let Some(forced) = forced_state_hook()
+        {
+            options.state_hook = forced;
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -145,6 +163,13 @@ impl Trace {
 
     pub fn stats(&self) -> Stats {
         self.pipeline.stats()
+    }
+
+    /// Whether sends after the peer's FIN can be flagged `peer_closed`: only a
+    /// state hook with a typed socket (tp_btf, fentry) marks the socket's
+    /// storage (docs/kernels.md).
+    pub fn flags_peer_fin(&self) -> bool {
+        matches!(self.report().state_mode, "tp_btf" | "fentry")
     }
 
     pub fn report(&self) -> &AttachReport {

@@ -104,12 +104,18 @@ pub struct TracepointOffsets {
     /// `err` of `tcp_retransmit_skb` (Linux 6.? and later trace failed attempts
     /// too); 0 when the record has no such field.
     pub retransmit_err: u32,
+    /// `skbaddr` of `tcp_send_reset`, set only where kprobes on
+    /// `tcp_v{4,6}_send_reset` report the resets that answer a segment: before
+    /// 6.10 the tracepoint shows those only for IPv6 full sockets, never from
+    /// TIME_WAIT remnants. The tracepoint then keeps the others (no skb).
+    pub send_reset_skbaddr: u32,
+    pub _pad: u32,
 }
 
 const _: () = {
     assert!(size_of::<Config>() == 40);
     assert!(size_of::<KernelOffsets>() == 33 * 4);
-    assert!(size_of::<TracepointOffsets>() == 40);
+    assert!(size_of::<TracepointOffsets>() == 48);
 };
 
 #[cfg(feature = "user")]

@@ -36,6 +36,9 @@ pub const PROG_SET_STATE_FENTRY: &str = "tcp_set_state_fentry";
 pub const PROG_SET_STATE_KPROBE: &str = "tcp_set_state_kprobe";
 pub const PROG_RECEIVE_RESET: &str = "tcp_receive_reset";
 pub const PROG_SEND_RESET: &str = "tcp_send_reset";
+/// `kprobe/tcp_v4_send_reset` and `kprobe/tcp_v6_send_reset`: resets that
+/// answer a segment, before 6.10.
+pub const PROG_SEND_RESET_KPROBE: &str = "tcp_send_reset_kprobe";
 pub const PROG_RETRANSMIT: &str = "tcp_retransmit_skb";
 pub const PROG_CONNECT_ENTER: &str = "sys_enter_connect";
 pub const PROG_CONNECT_EXIT: &str = "sys_exit_connect";
@@ -44,3 +47,10 @@ pub const PROG_ACCEPT_EXIT: &str = "sys_exit_accept";
 pub const PROG_SEND_BTF: &str = "sock_send_length_btf";
 /// `tp_btf/sock_recv_length`: reads, for request accounting.
 pub const PROG_RECV_BTF: &str = "sock_recv_length_btf";
+/// `fexit/tcp_sendmsg`: sends, where `sock_send_length` is missing (before 6.3).
+pub const PROG_SEND_FEXIT: &str = "tcp_sendmsg_fexit";
+/// `fentry/tcp_cleanup_rbuf`: reads, where `sock_recv_length` is missing.
+pub const PROG_RECV_FENTRY: &str = "tcp_cleanup_rbuf_fentry";
+/// Never attached: a program every kernel must refuse (`tracer probe
+/// --broken-program`), to show that a bad offset ends in a readable error.
+pub const PROG_BROKEN: &str = "broken_unresolved_offset";

@@ -109,7 +109,6 @@ pub fn abandon(local: &mut SockLocal) {
 }
 
 #[inline(never)]
-
 pub fn on_send(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_RESPONDER != 0 {
         finish(local);
@@ -119,7 +118,6 @@ pub fn on_send(sock: Sock, local: &mut SockLocal) {
 }
 
 #[inline(never)]
-
 pub fn on_receive(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_RESPONDER != 0 {
         start(sock, local);

@@ -65,6 +65,8 @@ static TP_OFFSETS: TracepointOffsets = TracepointOffsets {
     connect_uservaddr: 0,
     sys_exit_ret: 0,
     retransmit_err: 0,
+    send_reset_skbaddr: 0,
+    _pad: 0,
 };
 
 /// Reads one field of the config. Field by field: a volatile read of the whole

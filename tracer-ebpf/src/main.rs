@@ -26,8 +26,11 @@ mod traffic;
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, fentry, kprobe, tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
+    EbpfContext as _,
+    macros::{btf_tracepoint, fentry, fexit, kprobe, tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, TracePointContext,
+    },
 };
 use tracer_common::{
     config::STATE_FROM_TRACEPOINT,
@@ -119,6 +122,34 @@ pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
+/// tcp_sendmsg(sk, msg, size) returned: sends, on kernels without the
+/// sock_send_length tracepoint (before 6.3). Its signature has not changed
+/// since 4.x, so its return value is the fourth slot.
+#[fexit(function = "tcp_sendmsg")]
+pub fn tcp_sendmsg_fexit(ctx: FExitContext) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let ret: i32 = ctx.arg(3);
+    if ret > 0 {
+        let _ = traffic::on_send(sk, ret as u32);
+    }
+    0
+}
+
+/// tcp_cleanup_rbuf(sk, copied): reads, on kernels without sock_recv_length.
+/// tcp_recvmsg's own signature changed in 5.19; this one did not. It runs once
+/// or more per read with the running total, and a read only needs noting once
+/// (`on_receive` does nothing the second time); MSG_PEEK reads are not told
+/// apart here.
+#[fentry(function = "tcp_cleanup_rbuf")]
+pub fn tcp_cleanup_rbuf_fentry(ctx: FEntryContext) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let copied: i32 = ctx.arg(1);
+    if copied > 0 {
+        let _ = traffic::on_receive(sk);
+    }
+    0
+}
+
 #[tracepoint]
 pub fn inet_sock_set_state_tp(ctx: TracePointContext) -> u32 {
     let tp = globals::tp_offsets();
@@ -151,9 +182,27 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    // SAFETY: offset from the tracefs format file.
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(globals::tp_offsets().send_reset_skaddr as usize) }
+    let tp = globals::tp_offsets();
+    // SAFETY (both reads): offsets from the tracefs format file.
+    if tp.send_reset_skbaddr != 0
+        && unsafe { ctx.read_at::<u64>(tp.send_reset_skbaddr as usize) }.is_ok_and(|skb| skb != 0)
     {
+        // Answering a segment: tcp_send_reset_kprobe reports it.
+        return 0;
+    }
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(tp.send_reset_skaddr as usize) } {
+        let _ = resets::on_reset_sent(sk);
+    }
+    0
+}
+
+/// tcp_v4_send_reset / tcp_v6_send_reset(sk, skb): resets answering a segment,
+/// on kernels before 6.10 whose tracepoint misses most of them — the ones sent
+/// from TIME_WAIT remnants included, which is how a late request on a
+/// connection the server already closed shows.
+#[kprobe]
+pub fn tcp_send_reset_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
         let _ = resets::on_reset_sent(sk);
     }
     0
@@ -223,3 +272,14 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Never attached by the agent. `tracer probe --broken-program` loads it to
+/// check, on every kernel of the test matrix, that a read through an offset BTF
+/// never resolved (here: past the end of any tracepoint record) is refused by
+/// the verifier with a readable error, and crashes nothing.
+#[tracepoint]
+pub fn broken_unresolved_offset(ctx: TracePointContext) -> u32 {
+    const UNRESOLVED: usize = u32::MAX as usize;
+    // SAFETY: none; the verifier refuses this load, which is the point.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(UNRESOLVED)) }.into()
+}

@@ -44,7 +44,16 @@ pub enum Command {
     /// findings with what to change. Ctrl-C ends it early and still reports.
     Diagnose(DiagnoseArgs),
     /// Show which kernel hooks this kernel offers and which ones the agent uses.
-    Probe,
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Also load a deliberately broken program (a read through an offset no
+    /// BTF resolved) and fail with the kernel verifier's refusal: a check of
+    /// that error path, run by the kernel test matrix on every kernel.
+    #[arg(long, hide = true)]
+    pub broken_program: bool,
 }
 
 /// Which connections to watch. Filtering happens in the kernel.
@@ -141,8 +150,15 @@ pub struct KernelArgs {
     #[arg(long, global = true, default_value = "250ms", value_name = "DURATION")]
     pub min_idle: humantime::Duration,
 
-    /// How state changes are hooked; `auto` prefers the BTF tracepoint.
-    #[arg(long, global = true, value_enum, default_value_t = StateHook::Auto)]
+    /// How state changes are hooked; `auto` prefers the BTF tracepoint and falls
+    /// back to the classic one. `tracer probe` lists what this kernel accepts.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = StateHook::Auto,
+        env = "TRACER_STATE_HOOK"
+    )]
     pub state_hook: StateHook,
 
     /// The kernel's tick rate (CONFIG_HZ), which converts TCP's jiffy stamps to

@@ -5,7 +5,7 @@ use std::{cell::OnceCell, fmt, path::PathBuf, time::Duration};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, FEntry, KProbe, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, TracePoint},
 };
 use tracer_common::{
     COMM_LEN,
@@ -66,6 +66,19 @@ pub enum StateHook {
     Fentry,
     /// `kprobe/tcp_set_state`, with the tracepoint for listen().
     Kprobe,
+}
+
+impl StateHook {
+    /// The [`AttachReport::state_mode`] this choice gives, when it is not `Auto`.
+    pub fn mode(self) -> Option<&'static str> {
+        match self {
+            Self::Auto => None,
+            Self::BtfTracepoint => Some("tp_btf"),
+            Self::Tracepoint => Some("tracepoint"),
+            Self::Fentry => Some("fentry"),
+            Self::Kprobe => Some("kprobe"),
+        }
+    }
 }
 
 /// Which events the kernel emits. Filtering happens in the kernel, before the ring
@@ -165,7 +178,10 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     let btf_hooks = BtfHooks::new(&kernel_btf);
     // Its types take tens of MB, and aya parses the same BTF next.
     drop(kernel_btf);
-    let tp_offsets = tracefs.tracepoint_offsets()?;
+    let mut tp_offsets = tracefs.tracepoint_offsets()?;
+    if !kprobes_available() {
+        tp_offsets.send_reset_skbaddr = 0;
+    }
     let mut config = options.filter.config();
     config.min_idle_jiffies = jiffies.ceil_from(options.min_idle);
     if matches!(options.state_hook, StateHook::Fentry | StateHook::Kprobe) {
@@ -192,25 +208,48 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     attach_state_hook(&mut ebpf, options, &btf_hooks, &tracefs, &mut report)?;
     // Without these the lifecycle still works; what each one adds is named when it
     // is missing.
-    match btf_hooks.attach(&mut ebpf, PROG_SEND_BTF, "sock_send_length") {
-        Ok(()) => {
-            report.attached.push("tp_btf/sock_send_length".into());
-            if report.state_mode != "tp_btf" {
-                report.degraded.push(
-                    "state changes via the classic tracepoint: sends after the peer's FIN \
-                     are reported as reuses but not flagged peer_closed"
-                        .into(),
-                );
+    // Sends and reads: the BTF tracepoints (6.3+), else trampolines on the TCP
+    // functions (socket storage in tracing programs needs 5.11+).
+    match attach_first(
+        &mut ebpf,
+        &btf_hooks,
+        [
+            (PROG_SEND_BTF, Hook::BtfTracepoint("sock_send_length")),
+            (PROG_SEND_FEXIT, Hook::Fexit("tcp_sendmsg")),
+        ],
+    ) {
+        Ok(hook) => {
+            report.attached.push(hook);
+            if !matches!(report.state_mode, "tp_btf" | "fentry") {
+                report.degraded.push(format!(
+                    "state changes via {}: sends after the peer's FIN are reported as \
+                     reuses but not flagged peer_closed",
+                    report.state_mode
+                ));
             }
         }
-        Err(e) => report.degraded.push(format!(
-            "tp_btf/sock_send_length ({e:#}): no reuse events, no stale_reuse findings"
-        )),
+        Err(e) => report
+            .degraded
+            .push(format!("{e}: no reuse events, no stale_reuse findings")),
     }
-    match btf_hooks.attach(&mut ebpf, PROG_RECV_BTF, "sock_recv_length") {
-        Ok(()) => report.attached.push("tp_btf/sock_recv_length".into()),
+    match attach_first(
+        &mut ebpf,
+        &btf_hooks,
+        [
+            (PROG_RECV_BTF, Hook::BtfTracepoint("sock_recv_length")),
+            (PROG_RECV_FENTRY, Hook::Fentry("tcp_cleanup_rbuf")),
+        ],
+    ) {
+        Ok(hook) => {
+            if hook.starts_with("fentry/") {
+                report.degraded.push(format!(
+                    "reads via {hook}: MSG_PEEK reads count as reads of the response"
+                ));
+            }
+            report.attached.push(hook);
+        }
         Err(e) => report.degraded.push(format!(
-            "tp_btf/sock_recv_length ({e:#}): no request accounting, no pool_saturation findings"
+            "{e}: no request accounting, no pool_saturation findings"
         )),
     }
     let optional: [(&str, &str, &str, &str); 6] = [
@@ -262,6 +301,17 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
                 .push(format!("tracepoint/{category}:{name}"));
         }
     }
+    if tp_offsets.send_reset_skbaddr != 0 {
+        for function in ["tcp_v4_send_reset", "tcp_v6_send_reset"] {
+            match attach_kprobe(&mut ebpf, PROG_SEND_RESET_KPROBE, function) {
+                Ok(()) => report.attached.push(format!("kprobe/{function}")),
+                Err(e) => report.degraded.push(format!(
+                    "{e:#}: no reset events for resets answering a segment (before 6.10), \
+                     no late_request_reset findings"
+                )),
+            }
+        }
+    }
     // accept() and accept4() are separate syscalls sharing one program.
     if tracefs.has_tracepoint("syscalls", "sys_exit_accept") {
         let program: &mut TracePoint = program_mut(&mut ebpf, PROG_ACCEPT_EXIT)?;
@@ -311,18 +361,14 @@ fn attach_state_hook(
 ) -> Result<(), LoadError> {
     let function_hook = match options.state_hook {
         StateHook::Fentry => {
-            Some(btf_hooks.attach_fentry(ebpf, PROG_SET_STATE_FENTRY, "tcp_set_state"))
+            Some(btf_hooks.attach_hook(ebpf, PROG_SET_STATE_FENTRY, Hook::Fentry("tcp_set_state")))
         }
         StateHook::Kprobe => Some(attach_kprobe(ebpf, PROG_SET_STATE_KPROBE, "tcp_set_state")),
         _ => None,
     };
     if let Some(result) = function_hook {
         result?;
-        let mode = if options.state_hook == StateHook::Fentry {
-            "fentry"
-        } else {
-            "kprobe"
-        };
+        let mode = options.state_hook.mode().expect("a function hook");
         report.attached.push(format!("{mode}/tcp_set_state"));
         // listen() moves a socket to LISTEN without tcp_set_state: the
         // tracepoint reports those (and, by the loaded configuration, only those).
@@ -406,10 +452,10 @@ pub fn try_function_hooks(
     vec![
         (
             "fentry/tcp_set_state".into(),
-            describe(btf_hooks.attach_fentry(
+            describe(btf_hooks.attach_hook(
                 &mut loaded.ebpf,
                 PROG_SET_STATE_FENTRY,
-                "tcp_set_state",
+                Hook::Fentry("tcp_set_state"),
             )),
         ),
         (
@@ -429,9 +475,47 @@ fn attach_kprobe(ebpf: &mut Ebpf, program: &'static str, function: &str) -> Resu
         source,
     };
     let kprobe: &mut KProbe = program_mut(ebpf, program)?;
-    kprobe.load().map_err(attach_error)?;
+    // One program may probe several functions.
+    if kprobe.fd().is_err() {
+        kprobe.load().map_err(attach_error)?;
+    }
     kprobe.attach(function, 0).map_err(attach_error)?;
     Ok(())
+}
+
+/// A hook that needs the kernel's BTF.
+#[derive(Clone, Copy)]
+enum Hook {
+    BtfTracepoint(&'static str),
+    Fentry(&'static str),
+    Fexit(&'static str),
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BtfTracepoint(name) => write!(f, "tp_btf/{name}"),
+            Self::Fentry(name) => write!(f, "fentry/{name}"),
+            Self::Fexit(name) => write!(f, "fexit/{name}"),
+        }
+    }
+}
+
+/// Attaches the first of `choices` the kernel accepts; returns its name, or
+/// every refusal.
+fn attach_first<const N: usize>(
+    ebpf: &mut Ebpf,
+    btf_hooks: &BtfHooks,
+    choices: [(&'static str, Hook); N],
+) -> Result<String, String> {
+    let mut refusals = Vec::new();
+    for (program, hook) in choices {
+        match btf_hooks.attach_hook(ebpf, program, hook) {
+            Ok(()) => return Ok(hook.to_string()),
+            Err(e) => refusals.push(format!("{hook} ({e:#})")),
+        }
+    }
+    Err(refusals.join(", "))
 }
 
 /// BTF tracepoints, with the kernel BTF parsed for aya once, when first needed.
@@ -481,21 +565,32 @@ impl BtfHooks {
         Ok(())
     }
 
-    /// An fentry program on kernel function `function`.
-    fn attach_fentry(
+    /// A BTF tracepoint, or an fentry or fexit program on a kernel function.
+    fn attach_hook(
         &self,
         ebpf: &mut Ebpf,
         program: &'static str,
-        function: &str,
+        hook: Hook,
     ) -> Result<(), LoadError> {
         let attach_error = |source| LoadError::Attach {
-            hook: format!("fentry/{function}"),
+            hook: hook.to_string(),
             source,
         };
-        let btf = self.btf()?;
-        let program: &mut FEntry = program_mut(ebpf, program)?;
-        program.load(function, btf).map_err(attach_error)?;
-        program.attach().map_err(attach_error)?;
+        match hook {
+            Hook::BtfTracepoint(tracepoint) => self.attach(ebpf, program, tracepoint)?,
+            Hook::Fentry(function) => {
+                let btf = self.btf()?;
+                let program: &mut FEntry = program_mut(ebpf, program)?;
+                program.load(function, btf).map_err(attach_error)?;
+                program.attach().map_err(attach_error)?;
+            }
+            Hook::Fexit(function) => {
+                let btf = self.btf()?;
+                let program: &mut FExit = program_mut(ebpf, program)?;
+                program.load(function, btf).map_err(attach_error)?;
+                program.attach().map_err(attach_error)?;
+            }
+        }
         Ok(())
     }
 
@@ -534,6 +629,22 @@ fn attach_tracepoint(
             source,
         })?;
     Ok(())
+}
+
+/// Loads [`PROG_BROKEN`], which reads through an offset no BTF resolved: the
+/// kernel must refuse it with the verifier's explanation. `Ok` means the
+/// verifier let a wild read through.
+pub fn load_broken_program(loaded: &mut Loaded) -> Result<(), LoadError> {
+    let program: &mut TracePoint = program_mut(&mut loaded.ebpf, PROG_BROKEN)?;
+    program.load().map_err(|source| LoadError::Attach {
+        hook: format!("{PROG_BROKEN} (deliberately broken, never attached)"),
+        source,
+    })
+}
+
+/// Whether the kernel has the kprobe PMU aya attaches kprobes through.
+fn kprobes_available() -> bool {
+    std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
 }
 
 /// Root, or CAP_BPF with CAP_PERFMON, or CAP_SYS_ADMIN.

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
                     .map(drop)
             }
             Command::Diagnose(args) => commands::diagnose::run(&cli.kernel, args).await,
-            Command::Probe => commands::probe::run(&cli.kernel),
+            Command::Probe(args) => commands::probe::run(&cli.kernel, args),
         }
     });
     match result {

@@ -177,6 +177,14 @@ impl Tracefs {
         {
             offsets.retransmit_err = offset;
         }
+        // 6.10 made the tracepoint report every reset sent, with its reason;
+        // before, resets answering a segment need kprobes (see the field).
+        if let Ok(format) = self.format("tcp", "tcp_send_reset")
+            && format.offset("reason").is_err()
+            && let Ok(offset) = format.offset("skbaddr")
+        {
+            offsets.send_reset_skbaddr = offset;
+        }
         Ok(offsets)
     }
 }

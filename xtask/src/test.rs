@@ -6,13 +6,22 @@ use anyhow::bail;
 
 use crate::{build, exec, setup};
 
+// The kernel matrix (`--kernels`) lives beside this file.
+#[path = "kernels/mod.rs"]
+mod kernels;
+
 #[derive(clap::Args)]
 pub struct Options {
     /// Only run tests whose name contains this.
     pub filter: Option<String>,
+    #[command(flatten)]
+    pub kernels: kernels::KernelOptions,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
+    if options.kernels.enabled() {
+        return kernels::run(&options.kernels, options.filter.as_deref());
+    }
     setup::run()?;
 
     println!("test: unit tests");

@@ -8,7 +8,7 @@ use tracer::{
     tracefs::Tracefs,
 };
 
-use crate::cli::{FilterArgs, KernelArgs};
+use crate::cli::{FilterArgs, KernelArgs, ProbeArgs};
 
 /// Hooks the agent uses, as (category, tracepoint).
 const TRACEPOINTS: [(&str, &str); 8] = [
@@ -22,7 +22,7 @@ const TRACEPOINTS: [(&str, &str); 8] = [
     ("syscalls", "sys_exit_accept4"),
 ];
 
-pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
+pub fn run(kernel: &KernelArgs, args: &ProbeArgs) -> anyhow::Result<()> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
@@ -89,6 +89,11 @@ pub fn run(kernel: &KernelArgs) -> anyhow::Result<()> {
             Ok(()) => println!("  {hook:<40} available"),
             Err(e) => println!("  {hook:<40} refused: {e}"),
         }
+    }
+    if args.broken_program {
+        loader::load_broken_program(&mut loaded)
+            .context("loading the deliberately broken program")?;
+        anyhow::bail!("the kernel accepted a program that reads through an unresolved offset");
     }
     Ok(())
 }

@@ -1,0 +1,768 @@
+//! Booting one kernel under QEMU and running the suites inside it.
+//!
+//! The guest sees the host's root filesystem read-only through virtio-fs
+//! (`hostroot`), with a tmpfs overlay on top so that everything is writable and
+//! nothing reaches the host, and a writable virtio-fs share (`results`) that is
+//! this kernel's results directory on the host. Cloud kernels have no 9p, but
+//! all of them have virtio-fs. Progress comes over the serial console as
+//! `@@KM` lines; results are files in the share.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    Kernel,
+    build::{Binaries, PROBE, Runner},
+    fetch,
+};
+use crate::exec;
+
+/// Debian packages the matrix itself needs on the host.
+const PACKAGES: &[(&str, &str)] = &[
+    (
+        "qemu-system-x86",
+        "boots the kernels (and ships virtiofsd on bookworm)",
+    ),
+    (
+        "busybox-static",
+        "the guests' /init and modprobe; depmod and unxz on the host",
+    ),
+];
+
+/// Where Debian puts virtiofsd: the Rust one (its own package, trixie and
+/// later), and the C one shipped with QEMU up to 7.2.
+const VIRTIOFSD: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"];
+
+/// The modules the initramfs loads itself; the guest's modprobe finds the rest
+/// (veth, nf_tables, ...) in the cached module tree when the kernel asks.
+const BOOT_MODULES: &[&str] = &["virtio_pci", "virtiofs", "overlay"];
+
+/// Busybox applets the initramfs links.
+const APPLETS: &[&str] = &[
+    "sh", "mount", "umount", "insmod", "modprobe", "mkdir", "cat", "echo", "cut", "ip", "chroot",
+    "sync", "poweroff", "uname", "ls", "sleep", "dmesg",
+];
+
+/// Whether a dpkg package is installed.
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn root_command(program: &str) -> Command {
+    if exec::is_root() {
+        Command::new(program)
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.arg(program);
+        sudo
+    }
+}
+
+/// Installs QEMU and busybox-static when missing, and checks for virtiofsd.
+pub fn host_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(package, _)| *package)
+        .filter(|package| !installed(package))
+        .collect();
+    if !missing.is_empty() {
+        println!("kernels: installing {}", missing.join(" "));
+        let install = |cmd: &mut Command| {
+            cmd.args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            exec::run(cmd)
+        };
+        if install(&mut root_command("apt-get")).is_err() {
+            exec::run(root_command("apt-get").arg("update"))?;
+            install(&mut root_command("apt-get"))?;
+        }
+    }
+    if virtiofsd().is_none() {
+        // Newer Debian ships it on its own.
+        exec::run(
+            root_command("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "virtiofsd"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("virtiofsd is needed to share the host's files with the guests")?;
+    }
+    Ok(())
+}
+
+fn virtiofsd() -> Option<&'static str> {
+    VIRTIOFSD.iter().copied().find(|p| Path::new(p).is_file())
+}
+
+/// A virtiofsd for one shared directory; it serves one guest and exits when the
+/// guest goes away.
+fn start_virtiofsd(socket: &Path, shared: &Path, log: &Path) -> anyhow::Result<Child> {
+    let program = virtiofsd().context("virtiofsd not found")?;
+    let mut cmd = root_command(program);
+    if program.starts_with("/usr/libexec") {
+        cmd.arg("--socket-path")
+            .arg(socket)
+            .arg("--shared-dir")
+            .arg(shared)
+            .args(["--sandbox", "chroot", "--cache", "never"]);
+    } else {
+        // The namespace sandbox cannot pivot_root into /.
+        cmd.arg(format!("--socket-path={}", socket.display()))
+            .arg("-o")
+            .arg(format!("source={}", shared.display()))
+            .args(["-o", "cache=none", "-o", "sandbox=chroot"]);
+    }
+    let log = fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("{program} did not create {}", socket.display());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+/// The guest's `/init` (busybox sh): modules, the host's root as a read-only
+/// overlay lower layer, the usual pseudo filesystems, then the generated
+/// run script chrooted into that root. Markers on the console tell the host
+/// how far it got.
+const INIT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+release=$(uname -r)
+echo "@@KM init $release"
+for module in $(cat /modules.load); do
+    insmod /lib/modules/$release/$module || echo "@@KM warn insmod $module failed"
+done
+mkdir -p /host /results /rw /newroot
+mount -t virtiofs -o ro hostroot /host || echo "@@KM fatal cannot mount the host root"
+mount -t virtiofs results /results || echo "@@KM fatal cannot mount the results share"
+. /results/guest.env
+# The kernel's modprobe (busybox, this initramfs) loads from the cached tree.
+mount --bind /host$MODULES /lib/modules/$release
+echo /sbin/modprobe > /proc/sys/kernel/modprobe
+mount -t tmpfs -o mode=0755 rw /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot \
+    || echo "@@KM fatal cannot mount the overlay root"
+R=/newroot
+mount -t proc proc $R/proc
+mount -t sysfs sys $R/sys
+mount -t devtmpfs dev $R/dev
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts devpts $R/dev/pts
+mount -t tmpfs shm $R/dev/shm
+for dir in /tmp /run /var/tmp; do
+    mkdir -p $R$dir
+    mount -t tmpfs -o mode=1777 tmp $R$dir
+done
+mount -t tracefs tracefs $R/sys/kernel/tracing
+mount -t debugfs debugfs $R/sys/kernel/debug
+mount -t bpf bpf $R/sys/fs/bpf
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
+mkdir -p $R$RESULTS
+mount --bind /results $R$RESULTS
+ip link set lo up
+echo "@@KM ready"
+chroot $R /bin/sh $RESULTS/run.sh
+echo "@@KM done"
+dmesg > /results/dmesg.log
+sync
+umount /results
+poweroff -f
+"#;
+
+/// A minimal cpio (newc) archive writer: what the kernel unpacks as initramfs.
+struct Cpio {
+    data: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn new() -> Self {
+        Self {
+            data: Vec::new(),
+            ino: 1,
+        }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, body: &[u8]) {
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            body.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        self.ino += 1;
+        self.data.extend_from_slice(header.as_bytes());
+        self.data.extend_from_slice(name.as_bytes());
+        self.data.push(0);
+        self.pad();
+        self.data.extend_from_slice(body);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.data.len().is_multiple_of(4) {
+            self.data.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, &[]);
+    }
+
+    fn file(&mut self, name: &str, mode: u32, body: &[u8]) {
+        self.entry(name, 0o100000 | mode, body);
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) {
+        self.entry(name, 0o120777, target.as_bytes());
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.data
+    }
+}
+
+/// The busybox binary, which must be static: it runs before anything else.
+fn static_busybox() -> anyhow::Result<Vec<u8>> {
+    let path = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .context("busybox not found (apt-get install busybox-static)")?;
+    let binary = fs::read(path)?;
+    if binary.windows(14).any(|w| w == b"/lib64/ld-linu") {
+        bail!("{path} is dynamically linked: install busybox-static");
+    }
+    Ok(binary)
+}
+
+fn initramfs(kernel: &Kernel) -> anyhow::Result<Vec<u8>> {
+    let modules = fetch::load_order(kernel, BOOT_MODULES)?;
+    let mut cpio = Cpio::new();
+    for dir in [
+        ".",
+        "bin",
+        "sbin",
+        "proc",
+        "sys",
+        "dev",
+        "host",
+        "results",
+        "rw",
+        "newroot",
+        "lib",
+        "lib/modules",
+    ] {
+        cpio.dir(dir);
+    }
+    cpio.file("bin/busybox", 0o755, &static_busybox()?);
+    for applet in APPLETS {
+        cpio.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    cpio.symlink("sbin/modprobe", "../bin/busybox");
+    cpio.file("init", 0o755, INIT.as_bytes());
+    cpio.file(
+        "modules.load",
+        0o644,
+        (modules.join("\n") + "\n").as_bytes(),
+    );
+    let base = format!("lib/modules/{}", kernel.release);
+    let mut made: Vec<String> = vec![base.clone()];
+    cpio.dir(&base);
+    for module in &modules {
+        // Parent directories first.
+        let mut dir = base.clone();
+        let parts: Vec<&str> = module.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            dir = format!("{dir}/{part}");
+            if !made.contains(&dir) {
+                cpio.dir(&dir);
+                made.push(dir.clone());
+            }
+        }
+        let body = fs::read(kernel.modules_dir().join(module))
+            .with_context(|| format!("reading module {module}"))?;
+        cpio.file(&format!("{base}/{module}"), 0o644, &body);
+    }
+    Ok(cpio.finish())
+}
+
+/// Quotes a string for sh.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The script the guest runs as root inside the host's (overlaid) root. Every
+/// test runs in a process of its own with a timeout; its line goes to
+/// `results.tsv` and the console.
+fn run_script(binaries: &Binaries, results: &Path, limits: &Limits) -> String {
+    let mut script = format!(
+        "# Generated by `cargo xtask test --kernels`: runs inside the guest.\n\
+         export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+         export HOME=/root RUST_BACKTRACE=1 TRACER_BIN={tracer}\n\
+         R={results}\n\
+         T={timeout}\n\
+         cd {workspace}\n\
+         mkdir -p $R/logs\n\
+         run_one() {{\n\
+         \x20   suite=$1; name=$2; shift 2\n\
+         \x20   log=\"$R/logs/$suite--$name.log\"\n\
+         \x20   echo \"@@KM start $suite $name\"\n\
+         \x20   start=$(cut -d' ' -f1 /proc/uptime)\n\
+         \x20   timeout -k 10 $T \"$@\" > \"$log\" 2>&1\n\
+         \x20   rc=$?\n\
+         \x20   end=$(cut -d' ' -f1 /proc/uptime)\n\
+         \x20   secs=$(awk \"BEGIN {{ printf \\\"%.1f\\\", $end - $start }}\")\n\
+         \x20   case $rc in\n\
+         \x20   0) status=ok; grep -q '^test result: ok. 0 passed; 0 failed; 1 ignored' \"$log\" && status=ignored ;;\n\
+         \x20   124|137) status=timeout ;;\n\
+         \x20   *) status=failed ;;\n\
+         \x20   esac\n\
+         \x20   printf '%s\\t%s\\t%s\\t%s\\t%s\\n' \"$suite\" \"$name\" \"$status\" \"$secs\" \"$rc\" >> $R/results.tsv\n\
+         \x20   echo \"@@KM result $suite $name $status $secs\"\n\
+         }}\n\
+         # A state hook this kernel does not offer: the suite's tests are n/a.\n\
+         hook_available() {{\n\
+         \x20   case $1 in\n\
+         \x20   tracepoint) pattern='^  tracepoint/sock:inet_sock_set_state +available' ;;\n\
+         \x20   *) pattern=\"^  $1/tcp_set_state +available\" ;;\n\
+         \x20   esac\n\
+         \x20   \"$TRACER_BIN\" probe 2>/dev/null | grep -Eq \"$pattern\"\n\
+         }}\n\
+         unsupported() {{\n\
+         \x20   printf '%s\\t%s\\tunsupported\\t0\\t-\\n' \"$1\" \"$2\" >> $R/results.tsv\n\
+         \x20   echo \"@@KM result $1 $2 unsupported 0\"\n\
+         }}\n",
+        tracer = quote(&binaries.tracer.display().to_string()),
+        results = quote(&results.display().to_string()),
+        timeout = limits.test_timeout.as_secs(),
+        workspace = quote(&exec::workspace_root().display().to_string()),
+    );
+    for suite in &binaries.suites {
+        match &suite.runner {
+            Runner::Probe => script.push_str(&format!(
+                "run_one {PROBE} {PROBE} \"$TRACER_BIN\" -v probe\n"
+            )),
+            Runner::Tests(exe) => {
+                let env = suite.state_hook.as_ref().map_or(String::new(), |hook| {
+                    script.push_str(&format!("if hook_available {hook}; then\n"));
+                    format!("env TRACER_STATE_HOOK={hook} ")
+                });
+                for test in &suite.tests {
+                    script.push_str(&format!(
+                        "run_one {} {} {env}{} --exact {} --test-threads=1\n",
+                        quote(&suite.name),
+                        quote(test),
+                        quote(&exe.display().to_string()),
+                        quote(test)
+                    ));
+                }
+                if suite.state_hook.is_some() {
+                    script.push_str("else\n");
+                    for test in &suite.tests {
+                        script.push_str(&format!(
+                            "unsupported {} {}\n",
+                            quote(&suite.name),
+                            quote(test)
+                        ));
+                    }
+                    script.push_str("fi\n");
+                }
+            }
+        }
+    }
+    script.push_str("uname -a > $R/uname.txt\n");
+    script
+}
+
+pub struct Limits {
+    pub test_timeout: Duration,
+    pub memory_mib: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Ignored,
+    Failed,
+    /// Killed by its timeout inside the guest, or running when the guest hung.
+    Timeout,
+    /// The guest never got to it.
+    NotRun,
+    /// The suite's state hook is one this kernel does not offer (`tracer
+    /// probe` does not list it available), so its tests were not run.
+    Unsupported,
+}
+
+impl Status {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Ignored => "ignored",
+            Self::Unsupported => "n/a",
+            Self::Failed => "FAILED",
+            Self::Timeout => "TIMEOUT",
+            Self::NotRun => "not run",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TestResult {
+    pub suite: String,
+    pub name: String,
+    pub status: Status,
+    pub seconds: Option<f64>,
+    /// The test's output, for failures.
+    pub log: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GuestResult {
+    pub kernel: Kernel,
+    /// From QEMU's start to the guest's `ready` marker.
+    pub boot: Option<Duration>,
+    /// From `ready` to `done` (or to the end).
+    pub tests_time: Option<Duration>,
+    /// Why the guest ended early, when it did (timeout, panic, ...).
+    pub problem: Option<String>,
+    pub tests: Vec<TestResult>,
+    /// `tracer -v probe` output.
+    pub probe: Option<String>,
+    pub console: PathBuf,
+    pub results_dir: PathBuf,
+}
+
+/// Boots `kernel`, runs the suites, and collects what happened.
+pub fn run(kernel: &Kernel, binaries: &Binaries, limits: &Limits) -> anyhow::Result<GuestResult> {
+    let results = kernel.dir.join("results");
+    if results.exists() {
+        fs::remove_dir_all(&results).with_context(|| format!("removing {}", results.display()))?;
+    }
+    fs::create_dir_all(&results)?;
+    fs::set_permissions(&results, fs::Permissions::from_mode(0o755))?;
+    fs::write(
+        results.join("guest.env"),
+        format!(
+            "MODULES={}\nRESULTS={}\n",
+            quote(&kernel.modules_dir().display().to_string()),
+            quote(&results.display().to_string())
+        ),
+    )?;
+    fs::write(
+        results.join("run.sh"),
+        run_script(binaries, &results, limits),
+    )?;
+    let initrd = kernel.dir.join("initramfs.cpio");
+    fs::write(&initrd, initramfs(kernel)?)?;
+
+    // virtiofsd wants short socket paths (sun_path is 108 bytes).
+    let sockets = std::env::temp_dir().join(format!(
+        "xtask-kernels-{}-{}",
+        std::process::id(),
+        kernel.series
+    ));
+    let _ = fs::remove_dir_all(&sockets);
+    fs::create_dir_all(&sockets)?;
+    let root_socket = sockets.join("root.sock");
+    let results_socket = sockets.join("results.sock");
+    let mut daemons = vec![
+        start_virtiofsd(
+            &root_socket,
+            Path::new("/"),
+            &kernel.dir.join("virtiofsd-root.log"),
+        )?,
+        start_virtiofsd(
+            &results_socket,
+            &results,
+            &kernel.dir.join("virtiofsd-results.log"),
+        )?,
+    ];
+
+    let memory = format!("{}M", limits.memory_mib);
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    // KVM does not run standard guests on these machines. cx16 is off:
+    // QEMU 7.2's TCG corrupts SLUB's cmpxchg16b fast path on 6.12 guests
+    // (double faults and list corruption during boot); without it the
+    // kernel uses its software fallback.
+    .args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max,cx16=off",
+        "-smp",
+        "2",
+        "-m",
+        &memory,
+    ])
+    .arg("-object")
+    .arg(format!(
+        "memory-backend-memfd,id=mem,size={memory},share=on"
+    ))
+    .args(["-numa", "node,memdev=mem"])
+    .arg("-kernel")
+    .arg(kernel.vmlinuz())
+    .arg("-initrd")
+    .arg(&initrd)
+    .args([
+        "-append",
+        "console=ttyS0 panic=-1 oops=panic quiet mitigations=off",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=hostroot,path={}", root_socket.display()))
+    .args(["-device", "vhost-user-fs-pci,chardev=hostroot,tag=hostroot"])
+    .arg("-chardev")
+    .arg(format!(
+        "socket,id=results,path={}",
+        results_socket.display()
+    ))
+    .args(["-device", "vhost-user-fs-pci,chardev=results,tag=results"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = qemu
+        .spawn()
+        .with_context(|| format!("cannot start {qemu:?}"))?;
+
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let stderr = child.stderr.take().context("qemu stderr")?;
+    let tx_err = tx.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+            let line = format!("qemu: {}", String::from_utf8_lossy(&line));
+            if tx_err.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let console_path = kernel.dir.join("console.log");
+    let mut console = fs::File::create(&console_path)?;
+    // Progress means a marker: a guest that is silent for longer than one test
+    // may take (plus boot and slack) has hung.
+    let idle_limit = limits.test_timeout + Duration::from_secs(180);
+    let mut last_progress = Instant::now();
+    let mut boot = None;
+    let mut ready_at = None;
+    let mut done = false;
+    let mut problem = None;
+    let mut running: Option<(String, String)> = None;
+    let mut tail: Vec<String> = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r').to_string();
+                writeln!(console, "{line}")?;
+                tail.push(line.clone());
+                if tail.len() > 40 {
+                    tail.remove(0);
+                }
+                if let Some(marker) = line.split_once("@@KM ").map(|(_, m)| m.trim()) {
+                    last_progress = Instant::now();
+                    let mut words = marker.split_whitespace();
+                    match words.next() {
+                        Some("ready") => {
+                            boot = Some(started.elapsed());
+                            ready_at = Some(Instant::now());
+                            println!(
+                                "  {}: booted in {:.1} s",
+                                kernel.series,
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                        Some("start") => {
+                            let suite = words.next().unwrap_or_default().to_string();
+                            let name = words.next().unwrap_or_default().to_string();
+                            running = Some((suite, name));
+                        }
+                        Some("result") => {
+                            running = None;
+                            let rest: Vec<&str> = words.collect();
+                            if rest.len() >= 4 {
+                                println!(
+                                    "  {}: {} {} ... {} ({} s)",
+                                    kernel.series, rest[0], rest[1], rest[2], rest[3]
+                                );
+                            }
+                        }
+                        Some("done") => done = true,
+                        Some("fatal") => problem = Some(marker.to_string()),
+                        _ => {}
+                    }
+                } else if line.contains("Kernel panic") && problem.is_none() {
+                    problem = Some(line.trim().to_string());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if let Some(status) = child.try_wait()? {
+            // Drain what is left.
+            while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                writeln!(console, "{}", line.trim_end_matches('\r'))?;
+                if line.contains("@@KM done") {
+                    done = true;
+                }
+            }
+            if !done && problem.is_none() {
+                problem = Some(format!("QEMU exited ({status}) before the guest finished"));
+            }
+            break;
+        }
+        let idle = last_progress.elapsed();
+        let limit = if ready_at.is_some() {
+            idle_limit
+        } else {
+            Duration::from_secs(300)
+        };
+        if idle > limit {
+            problem = Some(format!(
+                "no progress for {} s{}: guest killed",
+                idle.as_secs(),
+                running
+                    .as_ref()
+                    .map(|(s, n)| format!(" while running {s} {n}"))
+                    .unwrap_or_else(|| if ready_at.is_none() {
+                        " before the guest was ready".into()
+                    } else {
+                        String::new()
+                    })
+            ));
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+    }
+    let tests_time = ready_at.map(|t| t.elapsed());
+    for daemon in &mut daemons {
+        // They exit with their guest; stop any that did not.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while daemon.try_wait()?.is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+        }
+        if daemon.try_wait()?.is_none() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+    }
+    let _ = fs::remove_dir_all(&sockets);
+    if let Some(problem) = &problem {
+        println!("  {}: {problem}; last console lines:", kernel.series);
+        for line in tail.iter().rev().take(15).rev() {
+            println!("    | {line}");
+        }
+    }
+
+    let tests = collect(binaries, &results, running.as_ref());
+    let probe = fs::read_to_string(results.join(format!("logs/{PROBE}--{PROBE}.log"))).ok();
+    Ok(GuestResult {
+        kernel: kernel.clone(),
+        boot,
+        tests_time,
+        problem,
+        tests,
+        probe,
+        console: console_path,
+        results_dir: results,
+    })
+}
+
+/// Every planned test with its outcome from `results.tsv`; the one running
+/// when the guest was killed timed out, the rest did not run.
+fn collect(
+    binaries: &Binaries,
+    results: &Path,
+    running: Option<&(String, String)>,
+) -> Vec<TestResult> {
+    let table = fs::read_to_string(results.join("results.tsv")).unwrap_or_default();
+    let mut tests = Vec::new();
+    for suite in &binaries.suites {
+        for name in &suite.tests {
+            let log = results.join(format!("logs/{}--{name}.log", suite.name));
+            let found = table.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                (fields.len() >= 4 && fields[0] == suite.name && fields[1] == name)
+                    .then(|| (fields[2].to_string(), fields[3].parse::<f64>().ok()))
+            });
+            let (status, seconds) = match found {
+                Some((status, seconds)) => (
+                    match status.as_str() {
+                        "ok" => Status::Ok,
+                        "ignored" => Status::Ignored,
+                        "unsupported" => Status::Unsupported,
+                        "timeout" => Status::Timeout,
+                        _ => Status::Failed,
+                    },
+                    seconds,
+                ),
+                None if running.is_some_and(|(s, n)| s == &suite.name && n == name) => {
+                    (Status::Timeout, None)
+                }
+                None => (Status::NotRun, None),
+            };
+            tests.push(TestResult {
+                suite: suite.name.clone(),
+                name: name.clone(),
+                status,
+                seconds,
+                log: log.is_file().then_some(log),
+            });
+        }
+    }
+    tests
+}
