@@ -169,7 +169,7 @@ impl Trace {
     /// state hook with a typed socket (tp_btf, fentry) marks the socket's
     /// storage (docs/kernels.md).
     pub fn flags_peer_fin(&self) -> bool {
-        matches!(self.report().state_mode, "tp_btf" | "fentry")
+        self.report().typed_state_hook()
     }
 
     pub fn report(&self) -> &AttachReport {

@@ -110,7 +110,12 @@ fn pool_reusing_after_the_servers_keepalive_timeout() {
     assert!(mismatch.evidence["peer_idle_closes"].as_u64().unwrap() >= 3);
     // 900 ms for a timeout measured at 1.0 s; emulated kernels measure a
     // little later.
-    let below = format!("below {}", human_ms(safe_below(timeout)));
+    let safe = safe_below(timeout);
+    assert!(
+        safe <= 0.9 * timeout,
+        "{safe} ms is not safely below {timeout} ms"
+    );
+    let below = format!("below {}", human_ms(safe));
     assert!(
         mismatch.recommendation.contains(&below),
         "{below}: {}",
@@ -258,7 +263,12 @@ fn reverse_proxy_relies_on_the_backend_to_close_idle_upstreams() {
     assert!((900.0..=1100.0).contains(&timeout), "inferred {timeout} ms");
     // 900 ms for a timeout measured at 1.0 s; emulated kernels measure a
     // little later.
-    let below = format!("below {}", human_ms(safe_below(timeout)));
+    let safe = safe_below(timeout);
+    assert!(
+        safe <= 0.9 * timeout,
+        "{safe} ms is not safely below {timeout} ms"
+    );
+    let below = format!("below {}", human_ms(safe));
     assert!(
         mismatch.recommendation.contains(&below),
         "{below}: {}",

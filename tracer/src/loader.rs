@@ -144,11 +144,20 @@ impl Default for Options {
 /// What got attached, and what the kernel refused.
 #[derive(Clone, Debug, Default)]
 pub struct AttachReport {
-    /// `tp_btf` or `tracepoint`.
+    /// `tp_btf`, `tracepoint`, `fentry` or `kprobe`.
     pub state_mode: &'static str,
     pub attached: Vec<String>,
     /// Hooks that could not be attached, with the reason and what is lost.
     pub degraded: Vec<String>,
+}
+
+impl AttachReport {
+    /// Whether state changes come with a typed socket (tp_btf, fentry), which
+    /// is what lets them reach the socket storage of the send and read hooks:
+    /// flag a peer's FIN, and release a request when its connection closes.
+    pub fn typed_state_hook(&self) -> bool {
+        matches!(self.state_mode, "tp_btf" | "fentry")
+    }
 }
 
 impl fmt::Display for AttachReport {
@@ -179,7 +188,14 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     // Its types take tens of MB, and aya parses the same BTF next.
     drop(kernel_btf);
     let mut tp_offsets = tracefs.tracepoint_offsets()?;
-    if !kprobes_available() {
+    // Decided before loading, as the tracepoint's program is told by a frozen
+    // global: only where the kprobes below can be placed.
+    let reset_kprobes = if tp_offsets.send_reset_skbaddr != 0 && kprobes_available() {
+        kernel_functions(&["tcp_v4_send_reset", "tcp_v6_send_reset"])
+    } else {
+        Vec::new()
+    };
+    if !reset_kprobes.contains(&"tcp_v4_send_reset") {
         tp_offsets.send_reset_skbaddr = 0;
     }
     let mut config = options.filter.config();
@@ -220,10 +236,12 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     ) {
         Ok(hook) => {
             report.attached.push(hook);
-            if !matches!(report.state_mode, "tp_btf" | "fentry") {
+            if !report.typed_state_hook() {
                 report.degraded.push(format!(
                     "state changes via {}: sends after the peer's FIN are reported as \
-                     reuses but not flagged peer_closed",
+                     reuses but not flagged peer_closed; request accounting is off (a \
+                     connection closed mid-request could not be released): no \
+                     pool_saturation or keepalive_worker_starvation findings",
                     report.state_mode
                 ));
             }
@@ -242,9 +260,7 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     ) {
         Ok(hook) => {
             if hook.starts_with("fentry/") {
-                report.degraded.push(format!(
-                    "reads via {hook}: MSG_PEEK reads count as reads of the response"
-                ));
+                log::info!("reads via {hook}: MSG_PEEK reads count as reads of the response");
             }
             report.attached.push(hook);
         }
@@ -302,12 +318,17 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
         }
     }
     if tp_offsets.send_reset_skbaddr != 0 {
-        for function in ["tcp_v4_send_reset", "tcp_v6_send_reset"] {
+        for function in reset_kprobes {
+            let family = if function.contains("v6") {
+                "IPv6"
+            } else {
+                "IPv4"
+            };
             match attach_kprobe(&mut ebpf, PROG_SEND_RESET_KPROBE, function) {
                 Ok(()) => report.attached.push(format!("kprobe/{function}")),
                 Err(e) => report.degraded.push(format!(
-                    "{e:#}: no reset events for resets answering a segment (before 6.10), \
-                     no late_request_reset findings"
+                    "{e:#}: no {family} reset events for resets answering a segment \
+                     (before 6.10), no late_request_reset findings on {family}"
                 )),
             }
         }
@@ -449,22 +470,32 @@ pub fn try_function_hooks(
             text
         })
     };
+    // The one in use (--state-hook) is attached already.
+    let in_use = options.state_hook;
     vec![
         (
             "fentry/tcp_set_state".into(),
-            describe(btf_hooks.attach_hook(
-                &mut loaded.ebpf,
-                PROG_SET_STATE_FENTRY,
-                Hook::Fentry("tcp_set_state"),
-            )),
+            if in_use == StateHook::Fentry {
+                Ok(())
+            } else {
+                describe(btf_hooks.attach_hook(
+                    &mut loaded.ebpf,
+                    PROG_SET_STATE_FENTRY,
+                    Hook::Fentry("tcp_set_state"),
+                ))
+            },
         ),
         (
             "kprobe/tcp_set_state".into(),
-            describe(attach_kprobe(
-                &mut loaded.ebpf,
-                PROG_SET_STATE_KPROBE,
-                "tcp_set_state",
-            )),
+            if in_use == StateHook::Kprobe {
+                Ok(())
+            } else {
+                describe(attach_kprobe(
+                    &mut loaded.ebpf,
+                    PROG_SET_STATE_KPROBE,
+                    "tcp_set_state",
+                ))
+            },
         ),
     ]
 }
@@ -511,7 +542,12 @@ fn attach_first<const N: usize>(
     let mut refusals = Vec::new();
     for (program, hook) in choices {
         match btf_hooks.attach_hook(ebpf, program, hook) {
-            Ok(()) => return Ok(hook.to_string()),
+            Ok(()) => {
+                if !refusals.is_empty() {
+                    log::info!("using {hook}: {}", refusals.join(", "));
+                }
+                return Ok(hook.to_string());
+            }
             Err(e) => refusals.push(format!("{hook} ({e:#})")),
         }
     }
@@ -647,6 +683,25 @@ fn kprobes_available() -> bool {
     std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
 }
 
+/// Those of `names` the kernel has as functions (`/proc/kallsyms`): a module
+/// not loaded (ipv6) or a function inlined away has no symbol to probe.
+fn kernel_functions(names: &[&'static str]) -> Vec<&'static str> {
+    let Ok(symbols) = std::fs::read_to_string("/proc/kallsyms") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for line in symbols.lines() {
+        // "address type name [module]"
+        if let Some(name) = line.split_whitespace().nth(2)
+            && let Some(wanted) = names.iter().find(|n| **n == name)
+            && !found.contains(wanted)
+        {
+            found.push(*wanted);
+        }
+    }
+    found
+}
+
 /// Root, or CAP_BPF with CAP_PERFMON, or CAP_SYS_ADMIN.
 fn check_privileges() -> Result<(), LoadError> {
     const CAP_SYS_ADMIN: u32 = 21;
@@ -675,6 +730,12 @@ fn check_kernel_version() -> Result<(), LoadError> {
         Some(version) if version < MIN_KERNEL => Err(LoadError::KernelTooOld { release }),
         _ => Ok(()),
     }
+}
+
+/// The running kernel's (major, minor).
+pub fn running_kernel() -> Option<(u32, u32)> {
+    let uname = nix::sys::utsname::uname().ok()?;
+    parse_release(&uname.release().to_string_lossy())
 }
 
 fn parse_release(release: &str) -> Option<(u32, u32)> {

@@ -191,7 +191,13 @@ impl Session {
     }
 
     /// The kernel's request counters of every pool.
+    /// The kernel's request counters per pool; none where the state hook cannot
+    /// release a request whose connection closed (see
+    /// [`AttachReport::typed_state_hook`]): they would only ever grow busy.
     pub fn pools(&self) -> Vec<PoolCounters> {
+        if !self.report.typed_state_hook() {
+            return Vec::new();
+        }
         self.pools
             .iter()
             .filter_map(Result::ok)

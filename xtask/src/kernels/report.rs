@@ -451,7 +451,8 @@ const HOOKS: &str = "\
 | state changes (`--state-hook auto`) | `tp_btf/inet_sock_set_state` | `tracepoint/sock:inet_sock_set_state`; by choice `fentry/tcp_set_state` or `kprobe/tcp_set_state` (`--state-hook`, or `TRACER_STATE_HOOK`) | the agent does not start |
 | sends | `tp_btf/sock_send_length` (6.3+) | `fexit/tcp_sendmsg` | no `reuse` events, no `stale_reuse` findings |
 | reads | `tp_btf/sock_recv_length` (6.3+) | `fentry/tcp_cleanup_rbuf` | no request accounting, no `pool_saturation` findings |
-| resets, retransmits, connect/accept | classic tracepoints | — | the one event each names |
+| resets sent in answer to a segment | `tracepoint/tcp:tcp_send_reset` (6.10+) | `kprobe/tcp_v4_send_reset`, `kprobe/tcp_v6_send_reset` (before 6.10 the tracepoint misses them, those from TIME_WAIT remnants included) | no `late_request_reset` findings |
+| other resets, retransmits, connect/accept | classic tracepoints | — | the one event each names |
 
 - The send and read hooks keep per-socket state in socket storage, which tracing
   programs may use from 5.11. On 5.10 neither the BTF tracepoints nor the
@@ -464,12 +465,15 @@ const HOOKS: &str = "\
 - On 5.11–6.2 sends and reads come from the trampolines: the same events and
   findings, except that a `recv(MSG_PEEK)` counts as reading the response.
 - With the state changes on the classic tracepoint or a kprobe, the socket
-  pointer is untyped, so a send after the peer's FIN is reported as a reuse
-  but not flagged `peer_closed`.
+  pointer is untyped and cannot reach the socket storage: a send after the
+  peer's FIN is reported as a reuse but not flagged `peer_closed`, and request
+  accounting is off (a connection closed mid-request could not be released),
+  so there are no `pool_saturation` or `keepalive_worker_starvation` findings.
 - `tracer probe` prints all of this for the running kernel; the sections
   below are its output on each kernel of the matrix. The suites named
-  `suite@hook` ran with `TRACER_STATE_HOOK=hook`; `n/a` marks a hook the
-  kernel does not offer.
+  `suite@hook` ran with `TRACER_STATE_HOOK=hook`. Each series has hooks it
+  must accept (a refusal fails the suite); `n/a` marks any other hook that
+  `tracer probe` did not list as available there.
 
 ";
 
