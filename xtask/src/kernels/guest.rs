@@ -176,6 +176,9 @@ mount -t devpts devpts $R/dev/pts
 mount -t tmpfs shm $R/dev/shm
 for dir in /tmp /run /var/tmp; do
     mkdir -p $R$dir
+    # The workspace or target directory lives there (a clone in /tmp): keep
+    # the overlaid host copy, writable all the same.
+    case " $KEEP " in *" $dir/"*) continue ;; esac
     mount -t tmpfs -o mode=1777 tmp $R$dir
 done
 mount -t tracefs tracefs $R/sys/kernel/tracing
@@ -505,9 +508,14 @@ pub fn run(kernel: &Kernel, binaries: &Binaries, limits: &Limits) -> anyhow::Res
     fs::write(
         results.join("guest.env"),
         format!(
-            "MODULES={}\nRESULTS={}\n",
+            "MODULES={}\nRESULTS={}\nKEEP={}\n",
             quote(&kernel.modules_dir().display().to_string()),
-            quote(&results.display().to_string())
+            quote(&results.display().to_string()),
+            quote(&format!(
+                "{} {}",
+                exec::workspace_root().display(),
+                binaries.tracer.display()
+            ))
         ),
     )?;
     fs::write(
