@@ -172,6 +172,28 @@ impl Trace {
         self.report().typed_state_hook()
     }
 
+    /// Whether sends are traced (reuse events, stale_reuse). Where no send hook
+    /// loads (5.10: docs/kernels.md) the agent must say what is lost, which is
+    /// then what there is to check.
+    pub fn traces_sends(&self) -> bool {
+        let report = self.report();
+        let traced = report
+            .attached
+            .iter()
+            .any(|hook| hook == "tp_btf/sock_send_length" || hook == "fexit/tcp_sendmsg");
+        if !traced {
+            assert!(
+                report
+                    .degraded
+                    .iter()
+                    .any(|d| d.contains("no reuse events, no stale_reuse findings")),
+                "sends are not traced, and the report does not say so: {report:?}"
+            );
+            println!("no send hook on this kernel: reuses are not checked");
+        }
+        traced
+    }
+
     pub fn report(&self) -> &AttachReport {
         self.pipeline.session().report()
     }

@@ -106,32 +106,36 @@ fn pool_reusing_after_the_servers_keepalive_timeout() {
     );
 
     let workers = nginx.worker_pids();
+    let sends = trace.traces_sends();
     trace.wait_until(Duration::from_secs(10), |t| {
-        !t.findings_of("stale_reuse", me).is_empty()
+        (!sends || !t.findings_of("stale_reuse", me).is_empty())
             && !t.findings_of("idle_timeout_mismatch", me).is_empty()
             && t.findings
                 .iter()
                 .any(|f| f.kind.name() == "late_request_reset")
     });
 
-    let stale = trace.findings_of("stale_reuse", me)[0];
-    assert_eq!(stale.rport, Some(nginx.port()));
-    assert!(stale.evidence["idle_before_reuse_ms"].as_u64().unwrap() >= 1400);
-    assert_eq!(
-        stale.evidence["peer_closed_before_send"],
-        trace.flags_peer_fin()
-    );
+    if sends {
+        let stale = trace.findings_of("stale_reuse", me)[0];
+        assert_eq!(stale.rport, Some(nginx.port()));
+        assert!(stale.evidence["idle_before_reuse_ms"].as_u64().unwrap() >= 1400);
+        assert_eq!(
+            stale.evidence["peer_closed_before_send"],
+            trace.flags_peer_fin()
+        );
+    }
 
     let mismatch = trace.findings_of("idle_timeout_mismatch", me);
     let mismatch = mismatch.last().unwrap();
     check_inferred_one_second(mismatch);
     assert!(mismatch.evidence["peer_idle_closes"].as_u64().unwrap() >= 3);
-    // The request that hit the closed connection makes it an error.
+    // The request that hit the closed connection makes it an error, when the
+    // kernel lets the agent see that request.
     let upgraded = trace
         .findings_of("idle_timeout_mismatch", me)
         .into_iter()
         .any(|f| f.severity == tracer::diagnosis::finding::Severity::Error);
-    assert!(upgraded, "{}", trace.dump());
+    assert_eq!(upgraded, sends, "{}", trace.dump());
 
     // The latest evidence: the server's own timeout is known once it has closed
     // enough idle connections.
@@ -164,13 +168,15 @@ fn pool_reusing_well_within_the_timeout_is_fine() {
     assert_eq!(pool.connections_opened(), 1);
     let me = std::process::id();
     // The reuses are seen (the hook works), and judged harmless.
-    trace.wait_for(Duration::from_secs(5), |events| {
-        events
-            .iter()
-            .filter(|e| matches!(&e.detail, Detail::Reuse(r) if r.idle_ms >= 450))
-            .count()
-            >= 4
-    });
+    if trace.traces_sends() {
+        trace.wait_for(Duration::from_secs(5), |events| {
+            events
+                .iter()
+                .filter(|e| matches!(&e.detail, Detail::Reuse(r) if r.idle_ms >= 450))
+                .count()
+                >= 4
+        });
+    }
     trace.collect_for(Duration::from_millis(1500));
     assert_eq!(
         kinds_for(&trace, me),

@@ -503,14 +503,17 @@ fn burst_of_ten_thousand_connections() {
             }
         }
     }
+    // Nothing else, except a retransmission that really happened: an emulated
+    // kernel (the kernel matrix) can be slow enough for a FIN to time out.
+    let retransmits = events.iter().filter(|e| e.kind == "retransmit").count();
     let others: Vec<&Event> = events
         .iter()
-        .filter(|e| e.kind != "open" && e.kind != "close")
+        .filter(|e| !matches!(e.kind, "open" | "close" | "retransmit"))
         .take(5)
         .collect();
     assert_eq!(
         events.len(),
-        4 * CONNECTIONS,
+        4 * CONNECTIONS + retransmits,
         "no other events: {others:#?}"
     );
     let stats = trace.stats();
