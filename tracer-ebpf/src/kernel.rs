@@ -4,6 +4,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_task, bpf_jiffies64, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
 };
 use tracer_common::{
+    comm_through_nul,
     event::Endpoints,
     tcp::{
         AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN, TCP_NEW_SYN_RECV, TCP_SYN_RECV, TCP_SYN_SENT,
@@ -203,13 +204,16 @@ pub fn jiffies32() -> u32 {
     (unsafe { bpf_jiffies64() }) as u32
 }
 
-/// The command name of the current task's thread-group leader.
+/// The command name of the current task's thread-group leader, zero after its
+/// NUL as `bpf_get_current_comm` would give it.
 #[inline(always)]
 pub fn group_leader_comm() -> Result<[u8; 16], i64> {
     // SAFETY: no arguments; the result is only ever probe-read.
     let task = unsafe { bpf_get_current_task() };
     let leader: u64 = read(task + offset!(task_group_leader))?;
-    read(leader + offset!(task_comm))
+    let comm: [u64; 2] = read(leader + offset!(task_comm))?;
+    // SAFETY: both are 16 plain bytes.
+    Ok(unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(comm_through_nul(comm)) })
 }
 
 /// The socket behind file descriptor `fd` of the current task, if it is one:
