@@ -349,10 +349,18 @@ fn run_script(binaries: &Binaries, series: &str, results: &Path, limits: &Limits
          \x20   start=$(cut -d' ' -f1 /proc/uptime)\n\
          \x20   timeout -k 10 $T \"$@\" > \"$log\" 2>&1\n\
          \x20   rc=$?\n\
+         \x20   retried=\n\
+         \x20   # A failure runs once more: a pass then is reported flaky (emulation\n\
+         \x20   # timing), with the failed run's output kept.\n\
+         \x20   case $rc in 0|124|137) ;; *)\n\
+         \x20       mv \"$log\" \"$R/logs/$suite--$name.first.log\"\n\
+         \x20       timeout -k 10 $T \"$@\" > \"$log\" 2>&1\n\
+         \x20       rc=$?; retried=1 ;;\n\
+         \x20   esac\n\
          \x20   end=$(cut -d' ' -f1 /proc/uptime)\n\
          \x20   secs=$(awk \"BEGIN {{ printf \\\"%.1f\\\", $end - $start }}\")\n\
          \x20   case $rc in\n\
-         \x20   0) status=ok; grep -q '^test result: ok. 0 passed; 0 failed; 1 ignored' \"$log\" && status=ignored ;;\n\
+         \x20   0) status=ok; grep -q '^test result: ok. 0 passed; 0 failed; 1 ignored' \"$log\" && status=ignored; [ -n \"$retried\" ] && status=flaky ;;\n\
          \x20   124|137) status=timeout ;;\n\
          \x20   *) status=failed ;;\n\
          \x20   esac\n\
@@ -447,6 +455,9 @@ pub struct Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Ok,
+    /// Failed, then passed when run again: counted as passed, listed with the
+    /// failed run's output.
+    Flaky,
     Ignored,
     Failed,
     /// Killed by its timeout inside the guest, or running when the guest hung.
@@ -462,6 +473,7 @@ impl Status {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Ok => "ok",
+            Self::Flaky => "flaky",
             Self::Ignored => "ignored",
             Self::Unsupported => "n/a",
             Self::Failed => "FAILED",
@@ -479,6 +491,23 @@ pub struct TestResult {
     pub seconds: Option<f64>,
     /// The test's output, for failures.
     pub log: Option<PathBuf>,
+    /// A flaky test's failed run.
+    pub first_log: Option<PathBuf>,
+}
+
+impl TestResult {
+    /// Failed, timed out, or failed once (flaky): its output goes in the report.
+    pub fn is_reported(&self) -> bool {
+        matches!(
+            self.status,
+            Status::Failed | Status::Timeout | Status::Flaky
+        )
+    }
+
+    /// The output of the run that failed.
+    pub fn failed_log(&self) -> Option<&Path> {
+        self.first_log.as_deref().or(self.log.as_deref())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -768,6 +797,7 @@ fn collect(
     for suite in &binaries.suites {
         for name in &suite.tests {
             let log = results.join(format!("logs/{}--{name}.log", suite.name));
+            let first_log = results.join(format!("logs/{}--{name}.first.log", suite.name));
             let found = table.lines().find_map(|line| {
                 let fields: Vec<&str> = line.split('\t').collect();
                 (fields.len() >= 4 && fields[0] == suite.name && fields[1] == name)
@@ -777,6 +807,7 @@ fn collect(
                 Some((status, seconds)) => (
                     match status.as_str() {
                         "ok" => Status::Ok,
+                        "flaky" => Status::Flaky,
                         "ignored" => Status::Ignored,
                         "unsupported" => Status::Unsupported,
                         "timeout" => Status::Timeout,
@@ -789,12 +820,14 @@ fn collect(
                 }
                 None => (Status::NotRun, None),
             };
+            let first_log = (status == Status::Flaky && first_log.is_file()).then_some(first_log);
             tests.push(TestResult {
                 suite: suite.name.clone(),
                 name: name.clone(),
                 status,
                 seconds,
                 log: log.is_file().then_some(log),
+                first_log,
             });
         }
     }

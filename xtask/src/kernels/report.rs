@@ -104,7 +104,7 @@ fn counts(tests: &[TestResult]) -> [usize; 5] {
     let mut counts = [0; 5];
     for test in tests {
         match test.status {
-            Status::Ok | Status::Ignored => counts[0] += 1,
+            Status::Ok | Status::Flaky | Status::Ignored => counts[0] += 1,
             Status::Failed => counts[1] += 1,
             Status::Timeout => counts[2] += 1,
             Status::NotRun => counts[3] += 1,
@@ -226,11 +226,7 @@ impl Matrix {
             let _ = writeln!(out);
         }
         for result in &self.results {
-            for test in result
-                .tests
-                .iter()
-                .filter(|t| matches!(t.status, Status::Failed | Status::Timeout))
-            {
+            for test in result.tests.iter().filter(|t| t.is_reported()) {
                 let _ = writeln!(
                     out,
                     "\n{} {}: {}",
@@ -238,7 +234,7 @@ impl Matrix {
                     label(&test.suite, &test.name),
                     test.status.label()
                 );
-                for line in excerpt(test.log.as_deref()).lines() {
+                for line in excerpt(test.failed_log()).lines() {
                     let _ = writeln!(out, "    {line}");
                 }
             }
@@ -416,19 +412,20 @@ impl Matrix {
             let failures: Vec<&TestResult> = result
                 .tests
                 .iter()
-                .filter(|t| {
-                    matches!(t.status, Status::Failed | Status::Timeout) && t.suite != PROBE
-                })
+                .filter(|t| t.is_reported() && t.suite != PROBE)
                 .collect();
             if !failures.is_empty() {
-                let _ = writeln!(md, "Failures:\n");
+                let _ = writeln!(
+                    md,
+                    "Failures (a flaky test failed, then passed when run again):\n"
+                );
                 for test in failures {
                     let _ = writeln!(
                         md,
                         "- `{}` ({}):\n\n  ```text\n{}\n  ```\n",
                         label(&test.suite, &test.name),
                         test.status.label(),
-                        excerpt(test.log.as_deref())
+                        excerpt(test.failed_log())
                             .lines()
                             .map(|l| format!("  {l}"))
                             .collect::<Vec<_>>()
