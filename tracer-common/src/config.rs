@@ -32,7 +32,9 @@ pub struct Config {
     pub min_idle_jiffies: u32,
     /// `STATE_FROM_*`: which programs report state changes.
     pub state_source: u32,
-    pub _pad2: u32,
+    /// Events are written without waking the reader, which polls; a write that
+    /// leaves at least this many bytes waiting wakes it.
+    pub wakeup_bytes: u32,
     /// NUL-padded command name.
     pub filter_comm: [u8; COMM_LEN],
 }

@@ -44,6 +44,18 @@ fn through_nul(word: u64) -> Option<u64> {
     Some(word & ((first_zero >> 7) - 1))
 }
 
+/// Implements `aya::Pod` for types that travel through maps and globals.
+#[cfg(feature = "user")]
+macro_rules! impl_pod {
+    ($($ty:ty),* $(,)?) => {
+        // SAFETY: every listed type is `#[repr(C)]`, `Copy`, made only of integers and
+        // integer arrays, and has no padding (checked by the size assertions).
+        $(unsafe impl aya::Pod for $ty {})*
+    };
+}
+#[cfg(feature = "user")]
+pub(crate) use impl_pod;
+
 #[cfg(test)]
 mod tests {
     use super::comm_through_nul;
@@ -89,15 +101,3 @@ mod tests {
         assert_eq!(comm_through_nul(words(b"\0leftover-names\0")), [0, 0]);
     }
 }
-
-/// Implements `aya::Pod` for types that travel through maps and globals.
-#[cfg(feature = "user")]
-macro_rules! impl_pod {
-    ($($ty:ty),* $(,)?) => {
-        // SAFETY: every listed type is `#[repr(C)]`, `Copy`, made only of integers and
-        // integer arrays, and has no padding (checked by the size assertions).
-        $(unsafe impl aya::Pod for $ty {})*
-    };
-}
-#[cfg(feature = "user")]
-pub(crate) use impl_pod;

@@ -9,7 +9,7 @@ use tracer_common::{
 
 use crate::{
     globals::{config, filter_comm},
-    maps::{EVENTS, count, note_ring_buffer_fill},
+    maps::{EVENTS, count, submit_flags},
 };
 
 /// The current task as the owner of a socket. Only meaningful in process context
@@ -94,6 +94,5 @@ pub fn emit<T: 'static>(owner: &Owner, conn: &Endpoints, fill: impl FnOnce(&mut 
         event.write_bytes(0, 1);
         fill(&mut *event);
     }
-    entry.submit(0);
-    note_ring_buffer_fill();
+    entry.submit(submit_flags());
 }

@@ -12,7 +12,7 @@ pub(crate) static CONFIG: Config = Config {
     _pad: 0,
     min_idle_jiffies: 0,
     state_source: 0,
-    _pad2: 0,
+    wakeup_bytes: 0,
     filter_comm: [0; 16],
 };
 

@@ -362,7 +362,11 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
         state.flags |= SOCK_CLOSE_WAIT_DONE;
         state.close_wait_ns = now - state.first_close_ns;
     }
-    let _ = CLOSE_WAITS.remove(sock.0);
+    // CLOSE_WAIT ends here only when the process aborted it; otherwise its
+    // LAST_ACK removed the entry (a delete per connection is not free).
+    if old == TCP_CLOSE_WAIT {
+        let _ = CLOSE_WAITS.remove(sock.0);
+    }
     if state.role == ROLE_SERVER && state.flags & SOCK_OPEN_EMITTED == 0 {
         // Closed before the process accepted it: report the open now, on behalf of
         // the listener's owner.

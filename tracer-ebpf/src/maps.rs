@@ -2,6 +2,7 @@
 //! the ring buffer and socket-table sizes at load time.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::SkStorage,
     macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -13,6 +14,8 @@ use tracer_common::{
         SockLocal, SockState,
     },
 };
+
+use crate::globals::config;
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
@@ -51,9 +54,13 @@ pub static POOLS: LruHashMap<PoolKey, PoolStats> = LruHashMap::with_max_entries(
 pub static COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(tracer_common::state::COUNTER_COUNT, 0);
 
-/// Raises this CPU's `RingBufPendingPeak` to what the ring buffer holds now.
+/// How a record is committed: without a wake-up while the reader's next poll
+/// will find it, a wake-up when the ring holds more than `wakeup_bytes` (a burst
+/// the poll might not drain in time). A wake-up per record would cost the
+/// reader a wake-up per event and the writer an interrupt each. Raises this
+/// CPU's `RingBufPendingPeak` to what the ring holds with this record.
 #[inline(always)]
-pub fn note_ring_buffer_fill() {
+pub fn submit_flags() -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
     if let Some(peak) = COUNTERS.get_ptr_mut(Counter::RingBufPendingPeak as u32) {
@@ -63,6 +70,11 @@ pub fn note_ring_buffer_fill() {
                 *peak = pending;
             }
         }
+    }
+    if pending >= u64::from(config!(wakeup_bytes)) {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
     }
 }
 

@@ -20,7 +20,14 @@ use crate::{
 /// state after a send would be too late, as the peer's answer to the send (a RST)
 /// can be processed inside the send call on loopback.
 pub fn peer_closed(sk: *mut c_void) {
-    let Ok(write_seq) = Sock(sk as u64).write_seq() else {
+    // Only TCP sockets may have storage: the send and read hooks take its
+    // presence for proof that the socket is one (DCCP and MPTCP change state
+    // through the same tracepoint).
+    let sock = Sock(sk as u64);
+    if !matches!(sock.is_tcp(), Ok(true)) {
+        return;
+    }
+    let Ok(write_seq) = sock.write_seq() else {
         return;
     };
     if let Some(local) = storage(sk, true) {

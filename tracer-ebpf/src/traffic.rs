@@ -9,13 +9,25 @@ use tracer_common::state::{PoolKey, SockLocal};
 
 use crate::{exchange, kernel::Sock, local, reuse};
 
+/// The socket's storage, created on its first send or read if it is a TCP
+/// socket. Every socket family's sends and reads come here, and storage exists
+/// only for TCP sockets: found, it spares reading the protocol and type again
+/// on every call (two kernel reads).
+#[inline(always)]
+fn tcp_storage(sock: Sock, sk: *mut c_void) -> Result<Option<&'static mut SockLocal>, i64> {
+    if let Some(local) = local::storage(sk, false) {
+        return Ok(Some(local));
+    }
+    if !sock.is_tcp()? {
+        return Ok(None);
+    }
+    Ok(local::storage(sk, true))
+}
+
 #[inline(never)]
 pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
     let sock = Sock(sk as u64);
-    if !sock.is_tcp()? {
-        return Ok(());
-    }
-    let Some(local) = local::storage(sk, true) else {
+    let Some(local) = tcp_storage(sock, sk)? else {
         return Ok(());
     };
     local::classify(sock, local, bytes as u64)?;
@@ -26,10 +38,7 @@ pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
 #[inline(never)]
 pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
     let sock = Sock(sk as u64);
-    if !sock.is_tcp()? {
-        return Ok(());
-    }
-    let Some(local) = local::storage(sk, true) else {
+    let Some(local) = tcp_storage(sock, sk)? else {
         return Ok(());
     };
     local::classify(sock, local, 0)?;

@@ -135,7 +135,8 @@ pub struct KernelArgs {
     pub btf: Option<PathBuf>,
 
     /// Ring buffer size: a power of two of at least 4 KiB (e.g. 8M, 64M). Events
-    /// that do not fit are counted as lost and reported.
+    /// that do not fit are counted as lost and reported. The agent reads it
+    /// every 25 ms, and at once when it is an eighth full.
     #[arg(long, global = true, default_value = "8M", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 

@@ -112,6 +112,11 @@ impl Filter {
     }
 }
 
+/// The programs wake the reader when the ring buffer is this fraction full
+/// (1/8th: 1 MiB of the default 8 MiB, several thousand events); below that,
+/// the reader polls (see [`crate::session::POLL_INTERVAL`]).
+pub const WAKEUP_FRACTION: u32 = 8;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub btf: Option<PathBuf>,
@@ -200,6 +205,7 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
     }
     let mut config = options.filter.config();
     config.min_idle_jiffies = jiffies.ceil_from(options.min_idle);
+    config.wakeup_bytes = options.ring_buffer_bytes / WAKEUP_FRACTION;
     if matches!(options.state_hook, StateHook::Fentry | StateHook::Kprobe) {
         config.state_source = STATE_FROM_FUNCTION;
     }

@@ -6,7 +6,10 @@ use std::io;
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    time::{Interval, MissedTickBehavior},
+};
 use tracer_common::{
     names::{MAP_CLOSE_WAITS, MAP_COUNTERS, MAP_EVENTS, MAP_LISTENERS, MAP_POOLS},
     state::{CloseWait, Counter, ListenerKey, Owner, POOL_CLIENT, PoolKey, PoolStats},
@@ -66,6 +69,10 @@ pub struct Session {
     close_waits: HashMap<MapData, u64, CloseWait>,
     pools: HashMap<MapData, PoolKey, PoolStats>,
     listeners: HashMap<MapData, ListenerKey, Owner>,
+    /// The reader's look at the ring (see [`POLL_INTERVAL`]).
+    poll: Interval,
+    /// The previous read stopped at [`MAX_BATCH`] with records left.
+    backlog: bool,
     intake: Intake,
     report: AttachReport,
 }
@@ -82,6 +89,12 @@ struct Intake {
 /// neither grows the batch without bound nor keeps the scans and the metrics
 /// endpoint, on the same thread, from running.
 pub const MAX_BATCH: usize = 4096;
+
+/// How often the ring is read. The programs write without waking the reader
+/// unless the ring is more than 1/[`loader::WAKEUP_FRACTION`] full: a wake-up per event
+/// costs a context switch per connection under churn. Events therefore reach
+/// userspace up to this late, which no finding notices (they span seconds).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 impl Session {
     /// Loads and attaches the programs. Must run inside a tokio runtime.
@@ -109,6 +122,12 @@ impl Session {
             close_waits,
             pools,
             listeners,
+            poll: {
+                let mut poll = tokio::time::interval(POLL_INTERVAL);
+                poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                poll
+            },
+            backlog: false,
             intake: Intake {
                 decoder: Decoder {
                     clock: WallClock::new(),
@@ -133,13 +152,17 @@ impl Session {
     /// Waits until the kernel has written something, then appends up to
     /// [`MAX_BATCH`] events to `out`.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), SessionError> {
-        let mut guard = self.ring.readable_mut().await.map_err(SessionError::Poll)?;
-        // The kernel signals only when a record lands on a ring the reader had
-        // emptied: while records remain, the fd must stay ready, or they would
-        // wait for the next burst.
-        if self.intake.read(guard.get_inner_mut(), out, MAX_BATCH) {
-            guard.clear_ready();
+        if !self.backlog {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    // Cleared before reading: a wake-up for records written
+                    // after the read below must not be lost.
+                    guard.map_err(SessionError::Poll)?.clear_ready();
+                }
+                _ = self.poll.tick() => {}
+            }
         }
+        self.backlog = !self.intake.read(self.ring.get_mut(), out, MAX_BATCH);
         Ok(())
     }
 
