@@ -94,5 +94,5 @@ pub fn emit<T: 'static>(owner: &Owner, conn: &Endpoints, fill: impl FnOnce(&mut 
         event.write_bytes(0, 1);
         fill(&mut *event);
     }
-    entry.submit(submit_flags());
+    entry.submit(submit_flags(size_of::<T>()));
 }

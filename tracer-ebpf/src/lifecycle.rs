@@ -299,8 +299,9 @@ fn first_fin(sock: Sock, now: u64, by: ClosedBy, process_context: bool) -> Resul
 /// closed. Process context.
 #[inline(never)]
 fn closed_after_peer(sock: Sock, now: u64) -> Result<(), i64> {
-    let state = lookup_or_adopt(sock.0, true)?;
+    // First: the socket table may be full, and CLOSE will not remove it again.
     let _ = CLOSE_WAITS.remove(sock.0);
+    let state = lookup_or_adopt(sock.0, true)?;
     if state.flags & SOCK_CLOSING != 0 && state.flags & SOCK_CLOSE_WAIT_DONE == 0 {
         state.flags |= SOCK_CLOSE_WAIT_DONE;
         state.close_wait_ns = now - state.first_close_ns;
@@ -334,6 +335,12 @@ fn abort_cause(state: &SockState, old: u32, errno: u32) -> ClosedBy {
 
 #[inline(never)]
 fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
+    // CLOSE_WAIT ends here only when the process aborted it; otherwise its
+    // LAST_ACK removed the entry (a delete per connection is not free). Before
+    // the lookup, which fails when the socket table is full.
+    if old == TCP_CLOSE_WAIT {
+        let _ = CLOSE_WAITS.remove(sock.0);
+    }
     let state = match lookup(sock.0) {
         Ok(state) => state,
         // A half-open socket that never became a connection: nothing to report.
@@ -361,11 +368,6 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
     {
         state.flags |= SOCK_CLOSE_WAIT_DONE;
         state.close_wait_ns = now - state.first_close_ns;
-    }
-    // CLOSE_WAIT ends here only when the process aborted it; otherwise its
-    // LAST_ACK removed the entry (a delete per connection is not free).
-    if old == TCP_CLOSE_WAIT {
-        let _ = CLOSE_WAITS.remove(sock.0);
     }
     if state.role == ROLE_SERVER && state.flags & SOCK_OPEN_EMITTED == 0 {
         // Closed before the process accepted it: report the open now, on behalf of

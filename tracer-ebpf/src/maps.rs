@@ -54,14 +54,19 @@ pub static POOLS: LruHashMap<PoolKey, PoolStats> = LruHashMap::with_max_entries(
 pub static COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(tracer_common::state::COUNTER_COUNT, 0);
 
-/// How a record is committed: without a wake-up while the reader's next poll
-/// will find it, a wake-up when the ring holds more than `wakeup_bytes` (a burst
-/// the poll might not drain in time). A wake-up per record would cost the
-/// reader a wake-up per event and the writer an interrupt each. Raises this
-/// CPU's `RingBufPendingPeak` to what the ring holds with this record.
+/// How a record of `size` bytes is committed: without a wake-up while the
+/// reader's next poll will find it, a wake-up when it takes the ring past
+/// `wakeup_bytes` (a burst the poll might not drain in time). A wake-up per
+/// record would cost the reader a wake-up per event and the writer an
+/// interrupt each, and so would one per record while the ring stays past the
+/// mark. (Records reserved at once on several CPUs can all miss the crossing;
+/// the poll still reads them.) Raises this CPU's `RingBufPendingPeak` to what
+/// the ring holds with this record.
 #[inline(always)]
-pub fn submit_flags() -> u64 {
+pub fn submit_flags(size: usize) -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
+    // bpf_ringbuf's record header, and its 8-byte rounding.
+    const HEADER: u64 = 8;
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
     if let Some(peak) = COUNTERS.get_ptr_mut(Counter::RingBufPendingPeak as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
@@ -71,7 +76,9 @@ pub fn submit_flags() -> u64 {
             }
         }
     }
-    if pending >= u64::from(config!(wakeup_bytes)) {
+    let record = (size as u64 + HEADER + 7) & !7;
+    let mark = u64::from(config!(wakeup_bytes));
+    if pending >= mark && pending.saturating_sub(record) < mark {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
         BPF_RB_NO_WAKEUP.into()

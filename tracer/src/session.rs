@@ -152,7 +152,11 @@ impl Session {
     /// Waits until the kernel has written something, then appends up to
     /// [`MAX_BATCH`] events to `out`.
     pub async fn next_batch(&mut self, out: &mut Vec<Event>) -> Result<(), SessionError> {
-        if !self.backlog {
+        if self.backlog {
+            // Records are waiting: no await would yield, and a flood would
+            // keep the scans, signals and the metrics endpoint from running.
+            tokio::task::consume_budget().await;
+        } else {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     // Cleared before reading: a wake-up for records written

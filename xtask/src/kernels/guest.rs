@@ -354,6 +354,7 @@ fn run_script(binaries: &Binaries, series: &str, results: &Path, limits: &Limits
          \x20   # timing), with the failed run's output kept.\n\
          \x20   case $rc in 0|124|137) ;; *)\n\
          \x20       mv \"$log\" \"$R/logs/$suite--$name.first.log\"\n\
+         \x20       echo \"@@KM retry $suite $name\"\n\
          \x20       timeout -k 10 $T \"$@\" > \"$log\" 2>&1\n\
          \x20       rc=$?; retried=1 ;;\n\
          \x20   esac\n\
