@@ -20,7 +20,7 @@ use crate::{
     listen_queue::{self, ListenCounters, ListenerQueue},
     loader::Options,
     owners,
-    session::{Session, SessionError, Stats},
+    session::{MAX_BATCH, Session, SessionError, Stats},
 };
 
 /// How often connections in CLOSE_WAIT, pools and listeners are sampled.
@@ -147,11 +147,22 @@ impl Pipeline {
     /// produced to `batch`.
     pub async fn next(&mut self, batch: &mut Batch) -> Result<(), SessionError> {
         let first = batch.events.len();
-        tokio::select! {
-            result = self.session.next_batch(&mut batch.events) => result?,
-            _ = self.scan.tick() => self.scan_once(batch),
-        }
+        let scan = tokio::select! {
+            result = self.session.next_batch(&mut batch.events) => {
+                result?;
+                false
+            }
+            _ = self.scan.tick() => {
+                // The scan compares the kernel's counters, which are current,
+                // with counts from events, read every 25 ms: events first.
+                self.session.drain(&mut batch.events, MAX_BATCH);
+                true
+            }
+        };
         self.diagnose(first, batch);
+        if scan {
+            self.scan_once(batch);
+        }
         Ok(())
     }
 
@@ -159,7 +170,7 @@ impl Pipeline {
     pub fn finish(&mut self, batch: &mut Batch) {
         self.session.detach();
         let first = batch.events.len();
-        self.session.drain(&mut batch.events);
+        self.session.drain(&mut batch.events, usize::MAX);
         self.diagnose(first, batch);
     }
 

@@ -170,9 +170,9 @@ impl Session {
         Ok(())
     }
 
-    /// Appends every event available now to `out`, without waiting.
-    pub fn drain(&mut self, out: &mut Vec<Event>) {
-        self.intake.read(self.ring.get_mut(), out, usize::MAX);
+    /// Appends up to `limit` events available now to `out`, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<Event>, limit: usize) {
+        self.backlog = !self.intake.read(self.ring.get_mut(), out, limit);
     }
 
     /// Detaches every program. Events already in the ring buffer can still be
