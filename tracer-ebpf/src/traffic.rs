@@ -14,11 +14,11 @@ use crate::{exchange, kernel::Sock, local, reuse};
 /// only for TCP sockets: found, it spares reading the protocol and type again
 /// on every call (two kernel reads).
 #[inline(always)]
-fn tcp_storage(sock: Sock, sk: *mut c_void) -> Result<Option<&'static mut SockLocal>, i64> {
+fn tcp_storage(sk: *mut c_void) -> Result<Option<&'static mut SockLocal>, i64> {
     if let Some(local) = local::storage(sk, false) {
         return Ok(Some(local));
     }
-    if !sock.is_tcp()? {
+    if !Sock(sk as u64).is_tcp()? {
         return Ok(None);
     }
     Ok(local::storage(sk, true))
@@ -27,7 +27,7 @@ fn tcp_storage(sock: Sock, sk: *mut c_void) -> Result<Option<&'static mut SockLo
 #[inline(never)]
 pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
     let sock = Sock(sk as u64);
-    let Some(local) = tcp_storage(sock, sk)? else {
+    let Some(local) = tcp_storage(sk)? else {
         return Ok(());
     };
     local::classify(sock, local, bytes as u64)?;
@@ -38,7 +38,7 @@ pub fn on_send(sk: *mut c_void, bytes: u32) -> Result<(), i64> {
 #[inline(never)]
 pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
     let sock = Sock(sk as u64);
-    let Some(local) = tcp_storage(sock, sk)? else {
+    let Some(local) = tcp_storage(sk)? else {
         return Ok(());
     };
     local::classify(sock, local, 0)?;

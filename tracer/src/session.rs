@@ -166,7 +166,7 @@ impl Session {
                 _ = self.poll.tick() => {}
             }
         }
-        self.backlog = !self.intake.read(self.ring.get_mut(), out, MAX_BATCH);
+        self.drain(out, MAX_BATCH);
         Ok(())
     }
 
