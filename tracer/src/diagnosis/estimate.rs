@@ -11,7 +11,7 @@
 //!    drops closes that came while a request was outstanding (the peer did not
 //!    close an idle connection) and graceful closes right after a response
 //!    (`Connection: close`, a request limit), see `GRACEFUL_MS`.
-//! 2. Sort the samples. For each sample x, count the samples within
+//! 2. Take the samples in order. For each sample x, count the samples within
 //!    [x, x + width(x)], width(x) = max(3 jiffies, 5% of x): the timer's slack
 //!    grows with the timeout, the measurement's jitter does not.
 //! 3. The window with the most samples is the cluster (the earliest wins ties).
@@ -40,13 +40,13 @@ pub struct Estimate {
     pub considered: usize,
 }
 
-/// The idle timeout behind `samples_ms`, if they cluster (see the module docs).
-pub fn idle_timeout(samples_ms: &[f64], jiffy_ms: f64) -> Option<Estimate> {
-    if samples_ms.len() < MIN_SAMPLES {
+/// The idle timeout behind `sorted` (samples in ascending order), if they
+/// cluster (see the module docs).
+pub fn idle_timeout(sorted: &[f64], jiffy_ms: f64) -> Option<Estimate> {
+    if sorted.len() < MIN_SAMPLES {
         return None;
     }
-    let mut sorted = samples_ms.to_vec();
-    sorted.sort_by(f64::total_cmp);
+    debug_assert!(sorted.is_sorted_by(|a, b| a.total_cmp(b).is_le()));
     let mut best = (0, 0);
     let mut end = 0;
     for start in 0..sorted.len() {
@@ -76,6 +76,13 @@ mod tests {
     use super::*;
 
     const JIFFY: f64 = 4.0;
+
+    /// The estimate of samples in any order.
+    fn idle_timeout(samples_ms: &[f64], jiffy_ms: f64) -> Option<Estimate> {
+        let mut sorted = samples_ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        super::idle_timeout(&sorted, jiffy_ms)
+    }
 
     #[test]
     fn clustered_closes_give_the_timeout() {

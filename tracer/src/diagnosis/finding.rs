@@ -61,6 +61,16 @@ pub enum Severity {
     Error,
 }
 
+impl Severity {
+    /// The name the JSON stream and the metrics' `finding_severity` label use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Warning => "warning",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// One diagnosis, as the `finding` event of the stream and the report carry it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Finding {
@@ -235,6 +245,13 @@ fn rfc3339_micros<S: Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn severity_names_are_the_streams() {
+        for severity in [Severity::Warning, Severity::Error] {
+            assert_eq!(serde_json::to_value(severity).unwrap(), severity.name());
+        }
+    }
 
     fn finding(count: u64) -> Finding {
         Finding {

@@ -24,7 +24,7 @@ use serde_json::json;
 use self::{
     estimate::{Estimate, GRACEFUL_MS, idle_timeout},
     finding::{Finding, FindingBook, FindingKey, FindingKind, Materiality, Severity},
-    samples::Samples,
+    samples::{OrderedSamples, Samples},
 };
 use crate::event::{Close, ClosedBy, Detail, Direction, Event, Reset, Reuse, Role};
 
@@ -136,13 +136,13 @@ pub struct ConnectionStats {
     pub opened: u64,
     pub closes: CloseCounts,
     /// Idle time at close, for idle connections the peer closed.
-    pub peer_close_idle: Samples,
+    pub peer_close_idle: OrderedSamples,
     /// Peer closes right after a response (`Connection: close`, request limits).
     pub graceful_peer_closes: u64,
     /// Peer closes while a request was outstanding.
     pub mid_request_peer_closes: u64,
     /// Idle time at close, for connections this side closed.
-    pub local_close_idle: Samples,
+    pub local_close_idle: OrderedSamples,
     /// Idle time before each reuse.
     pub reuse_idle: Samples,
     /// Time from the peer's FIN to this side's close.
@@ -177,11 +177,11 @@ impl ConnectionStats {
     }
 
     pub fn peer_idle_timeout(&self, jiffy: Duration) -> Option<Estimate> {
-        idle_timeout(&self.peer_close_idle.recent(), ms(jiffy))
+        idle_timeout(self.peer_close_idle.sorted(), ms(jiffy))
     }
 
     pub fn local_idle_timeout(&self, jiffy: Duration) -> Option<Estimate> {
-        idle_timeout(&self.local_close_idle.recent(), ms(jiffy))
+        idle_timeout(self.local_close_idle.sorted(), ms(jiffy))
     }
 
     /// Connections opened since the agent started that are still open.

@@ -67,6 +67,57 @@ impl Samples {
     }
 }
 
+/// A window also kept in ascending order, for the idle times the idle-timeout
+/// estimate clusters: it runs on every idle close a peer makes, and sorting a
+/// copy of the window each time (an allocation and ~2,000 comparisons) was a
+/// tenth of the agent's per-event work. Keeping the order costs two binary
+/// searches and moves of at most `WINDOW` values per close; the other windows,
+/// pushed on every event and summarized only for reports, stay unordered.
+#[derive(Clone, Debug, Default)]
+pub struct OrderedSamples {
+    samples: Samples,
+    /// The values of `samples.recent`, ascending.
+    sorted: Vec<f64>,
+}
+
+impl OrderedSamples {
+    pub fn push(&mut self, value_ms: f64) {
+        if self.samples.recent.len() == WINDOW
+            && let Some(&oldest) = self.samples.recent.front()
+        {
+            let at = self.position(oldest);
+            self.sorted.remove(at);
+        }
+        self.samples.push(value_ms);
+        let at = self.position(value_ms);
+        self.sorted.insert(at, value_ms);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.samples.total
+    }
+
+    /// The window, ascending.
+    pub fn sorted(&self) -> &[f64] {
+        &self.sorted
+    }
+
+    /// Where `value_ms` is, or goes, in `sorted`.
+    fn position(&self, value_ms: f64) -> usize {
+        self.sorted
+            .partition_point(|v| v.total_cmp(&value_ms).is_lt())
+    }
+
+    pub fn summary(&self) -> Option<Summary> {
+        (!self.sorted.is_empty()).then(|| Summary {
+            count: self.samples.total,
+            p50_ms: quantile(&self.sorted, 0.5),
+            p90_ms: quantile(&self.sorted, 0.9),
+            max_ms: self.samples.max,
+        })
+    }
+}
+
 /// Nearest-rank quantile of sorted values.
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     let rank = (q * sorted.len() as f64).ceil() as usize;
@@ -101,5 +152,24 @@ mod tests {
         assert_eq!(samples.total(), WINDOW as u64 + 10);
         assert_eq!(samples.recent()[0], 10.0);
         assert_eq!(samples.max(), Some((WINDOW + 9) as f64));
+    }
+
+    #[test]
+    fn an_ordered_window_stays_sorted_as_old_values_leave() {
+        let mut ordered = OrderedSamples::default();
+        let mut plain = Samples::default();
+        // Out of order and repeated, enough to cycle the window twice.
+        let values: Vec<f64> = (0..WINDOW * 2 + 7)
+            .map(|i| ((i * 37) % 101) as f64)
+            .collect();
+        for &value in &values {
+            ordered.push(value);
+            plain.push(value);
+        }
+        let mut expected = values[values.len() - WINDOW..].to_vec();
+        expected.sort_by(f64::total_cmp);
+        assert_eq!(ordered.sorted(), expected.as_slice());
+        assert_eq!(ordered.summary(), plain.summary());
+        assert_eq!(ordered.total(), plain.total());
     }
 }

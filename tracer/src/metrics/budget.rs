@@ -6,6 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     num::NonZeroUsize,
+    sync::{Arc, LazyLock},
 };
 
 use foldhash::fast::RandomState;
@@ -13,13 +14,25 @@ use lru::LruCache;
 
 use crate::{containers::Containers, diagnosis::endpoint};
 
+/// A label value decided once and shared by every series and event that
+/// carries it: handing it out is a reference count, not an allocation and a
+/// copy per label per event.
+pub type Label = Arc<str>;
+
+/// The empty label value (a server connection's `remote`, a client's `port`),
+/// shared like any other.
+pub fn no_label() -> Label {
+    static EMPTY: LazyLock<Label> = LazyLock::new(|| "".into());
+    EMPTY.clone()
+}
+
 /// What identifies a process in metrics: never a pid, which changes on every
 /// restart and would leave series behind.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ProcessLabels {
-    pub comm: String,
-    pub container: String,
-    pub pod_uid: String,
+    pub comm: Label,
+    pub container: Label,
+    pub pod_uid: Label,
 }
 
 pub const OTHER: &str = "other";
@@ -52,8 +65,8 @@ pub struct Budget {
     processes: HashMap<ProcessLabels, Allowance, RandomState>,
     containers: Containers,
     process_decisions: LruCache<(u32, Comm), ProcessLabels, RandomState>,
-    remote_decisions: LruCache<(u32, Comm, IpAddr, u16), String, RandomState>,
-    port_decisions: LruCache<(u32, Comm, u16), String, RandomState>,
+    remote_decisions: LruCache<(u32, Comm, IpAddr, u16), Label, RandomState>,
+    port_decisions: LruCache<(u32, Comm, u16), Label, RandomState>,
 }
 
 impl Budget {
@@ -91,10 +104,10 @@ impl Budget {
             comm: if comm.is_empty() {
                 "unknown".into()
             } else {
-                comm.to_string()
+                comm.into()
             },
-            container: container.container,
-            pod_uid: container.pod_uid,
+            container: container.container.into(),
+            pod_uid: container.pod_uid.into(),
         };
         if self.processes.contains_key(&labels) || self.processes.len() < self.max_processes {
             self.processes.entry(labels.clone()).or_default();
@@ -102,8 +115,8 @@ impl Budget {
         } else {
             ProcessLabels {
                 comm: OTHER.into(),
-                container: String::new(),
-                pod_uid: String::new(),
+                container: no_label(),
+                pod_uid: no_label(),
             }
         }
     }
@@ -117,7 +130,7 @@ impl Budget {
         comm: &str,
         addr: IpAddr,
         port: u16,
-    ) -> (ProcessLabels, String) {
+    ) -> (ProcessLabels, Label) {
         let process = self.process(pid, comm);
         let key = (pid, comm_key(comm), addr, port);
         if let Some(remote) = self.remote_decisions.get(&key) {
@@ -125,20 +138,20 @@ impl Budget {
         }
         let limit = self.max_per_process;
         let allowance = self.processes.entry(process.clone()).or_default();
-        let remote = if allowance.remotes.contains(&(addr, port)) || allowance.remotes.len() < limit
-        {
-            allowance.remotes.insert((addr, port));
-            endpoint(addr, port)
-        } else {
-            OTHER.into()
-        };
+        let remote: Label =
+            if allowance.remotes.contains(&(addr, port)) || allowance.remotes.len() < limit {
+                allowance.remotes.insert((addr, port));
+                endpoint(addr, port).into()
+            } else {
+                OTHER.into()
+            };
         self.remote_decisions.put(key, remote.clone());
         (process, remote)
     }
 
     /// The labels of process `pid` named `comm` and of its listening port, which
     /// is `other` once the process's budget of ports is spent.
-    pub fn port(&mut self, pid: u32, comm: &str, port: u16) -> (ProcessLabels, String) {
+    pub fn port(&mut self, pid: u32, comm: &str, port: u16) -> (ProcessLabels, Label) {
         let process = self.process(pid, comm);
         let key = (pid, comm_key(comm), port);
         if let Some(label) = self.port_decisions.get(&key) {
@@ -146,9 +159,9 @@ impl Budget {
         }
         let limit = self.max_per_process;
         let allowance = self.processes.entry(process.clone()).or_default();
-        let label = if allowance.ports.contains(&port) || allowance.ports.len() < limit {
+        let label: Label = if allowance.ports.contains(&port) || allowance.ports.len() < limit {
             allowance.ports.insert(port);
-            port.to_string()
+            port.to_string().into()
         } else {
             OTHER.into()
         };
@@ -179,37 +192,37 @@ mod tests {
     #[test]
     fn destinations_beyond_the_budget_are_other() {
         let mut budget = Budget::new(10, 2);
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
-        assert_eq!(budget.remote(0, "curl", B, 1).1, "10.0.0.2:1");
-        assert_eq!(budget.remote(0, "curl", C, 1).1, OTHER);
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
+        assert_eq!(budget.remote(0, "curl", B, 1).1, "10.0.0.2:1".into());
+        assert_eq!(budget.remote(0, "curl", C, 1).1, OTHER.into());
         // Known ones keep their series, also when asked by another pid of the
         // same process labels.
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
-        assert_eq!(budget.remote(0, "curl", A, 1).0.comm, "curl");
-        assert_eq!(budget.port(0, "curl", 80).1, "80");
-        assert_eq!(budget.port(0, "curl", 443).1, "443");
-        assert_eq!(budget.port(0, "curl", 8080).1, OTHER);
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
+        assert_eq!(budget.remote(0, "curl", A, 1).0.comm, "curl".into());
+        assert_eq!(budget.port(0, "curl", 80).1, "80".into());
+        assert_eq!(budget.port(0, "curl", 443).1, "443".into());
+        assert_eq!(budget.port(0, "curl", 8080).1, OTHER.into());
     }
 
     #[test]
     fn decisions_outlive_their_cache() {
         let mut budget = Budget::new(10, 1);
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
         // Push the decision out of the cache: it is made again, the same way.
         for port in 0..=CACHED_DECISIONS.get() as u16 {
             budget.remote(0, "curl", B, port);
         }
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1");
-        assert_eq!(budget.remote(0, "curl", B, 1).1, OTHER);
+        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
+        assert_eq!(budget.remote(0, "curl", B, 1).1, OTHER.into());
     }
 
     #[test]
     fn processes_beyond_the_budget_are_other() {
         let mut budget = Budget::new(2, 5);
-        assert_eq!(budget.process(0, "a").comm, "a");
-        assert_eq!(budget.process(0, "b").comm, "b");
-        assert_eq!(budget.process(0, "c").comm, OTHER);
-        assert_eq!(budget.process(0, "a").comm, "a");
-        assert_eq!(budget.process(0, "").comm, OTHER);
+        assert_eq!(budget.process(0, "a").comm, "a".into());
+        assert_eq!(budget.process(0, "b").comm, "b".into());
+        assert_eq!(budget.process(0, "c").comm, OTHER.into());
+        assert_eq!(budget.process(0, "a").comm, "a".into());
+        assert_eq!(budget.process(0, "").comm, OTHER.into());
     }
 }

@@ -29,7 +29,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use self::budget::Budget;
+use self::budget::{Budget, Label, no_label};
 use crate::{
     diagnosis::{
         CloseWaitEntry, Diagnoser, Occurrence,
@@ -59,68 +59,68 @@ pub struct MetricsOptions {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnLabels {
-    comm: String,
-    container_id: String,
-    pod_uid: String,
-    role: String,
-    remote: String,
-    port: String,
+    comm: Label,
+    container_id: Label,
+    pod_uid: Label,
+    role: &'static str,
+    remote: Label,
+    port: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CloseLabels {
-    comm: String,
-    container_id: String,
-    pod_uid: String,
-    role: String,
-    remote: String,
-    port: String,
-    closed_by: String,
+    comm: Label,
+    container_id: Label,
+    pod_uid: Label,
+    role: &'static str,
+    remote: Label,
+    port: Label,
+    closed_by: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResetLabels {
-    comm: String,
-    container_id: String,
-    pod_uid: String,
-    role: String,
-    remote: String,
-    port: String,
-    direction: String,
+    comm: Label,
+    container_id: Label,
+    pod_uid: Label,
+    role: &'static str,
+    remote: Label,
+    port: Label,
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RemoteLabels {
-    comm: String,
-    container_id: String,
-    pod_uid: String,
-    remote: String,
+    comm: Label,
+    container_id: Label,
+    pod_uid: Label,
+    remote: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrnoLabels {
-    comm: String,
-    container_id: String,
-    pod_uid: String,
-    remote: String,
+    comm: Label,
+    container_id: Label,
+    pod_uid: Label,
+    remote: Label,
     errno: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PortLabels {
-    comm: String,
-    container_id: String,
-    pod_uid: String,
-    port: String,
+    comm: Label,
+    container_id: Label,
+    pod_uid: Label,
+    port: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FindingLabels {
-    comm: String,
-    container_id: String,
-    pod_uid: String,
-    kind: String,
-    finding_severity: String,
+    comm: Label,
+    container_id: Label,
+    pod_uid: Label,
+    kind: &'static str,
+    finding_severity: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -467,19 +467,19 @@ impl Metrics {
         let (process, remote, port) = match event.role {
             Role::Server => {
                 let (process, port) = budget.port(event.pid, &event.comm, event.lport);
-                (process, String::new(), port)
+                (process, no_label(), port)
             }
             _ => {
                 let (process, remote) =
                     budget.remote(event.pid, &event.comm, event.raddr, event.rport);
-                (process, remote, String::new())
+                (process, remote, no_label())
             }
         };
         ConnLabels {
             comm: process.comm,
             container_id: process.container,
             pod_uid: process.pod_uid,
-            role: role_name(event.role).into(),
+            role: role_name(event.role),
             remote,
             port,
         }
@@ -554,7 +554,7 @@ impl Metrics {
                     role: conn.role,
                     remote: conn.remote,
                     port: conn.port,
-                    closed_by: closed_by_name(close.closed_by).into(),
+                    closed_by: closed_by_name(close.closed_by),
                 };
                 self.connections_closed.get_or_create(&labels).inc();
                 if let Some(idle) = close.idle_ms {
@@ -589,8 +589,8 @@ impl Metrics {
                     remote: conn.remote,
                     port: conn.port,
                     direction: match reset.direction {
-                        Direction::In => "in".into(),
-                        Direction::Out => "out".into(),
+                        Direction::In => "in",
+                        Direction::Out => "out",
                     },
                 };
                 self.resets.get_or_create(&labels).inc();
@@ -631,11 +631,8 @@ impl Metrics {
             comm: process.comm,
             container_id: process.container,
             pod_uid: process.pod_uid,
-            kind: finding.kind.name().into(),
-            finding_severity: serde_json::to_value(finding.severity)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            kind: finding.kind.name(),
+            finding_severity: finding.severity.name(),
         };
         self.findings.get_or_create(&labels).inc();
     }
@@ -720,9 +717,9 @@ impl Metrics {
                     comm: labels.comm.clone(),
                     container_id: labels.container_id.clone(),
                     pod_uid: labels.pod_uid.clone(),
-                    role: role_name(stats.role.unwrap_or(Role::Unknown)).into(),
+                    role: role_name(stats.role.unwrap_or(Role::Unknown)),
                     remote: labels.remote.clone(),
-                    port: String::new(),
+                    port: no_label(),
                 };
                 self.local_idle_timeout
                     .get_or_create(&conn)
@@ -759,8 +756,8 @@ impl Metrics {
                     comm: labels.comm.clone(),
                     container_id: labels.container_id.clone(),
                     pod_uid: labels.pod_uid.clone(),
-                    role: "server".into(),
-                    remote: String::new(),
+                    role: "server",
+                    remote: no_label(),
                     port: labels.port.clone(),
                 };
                 self.local_idle_timeout
