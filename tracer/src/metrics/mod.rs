@@ -67,6 +67,28 @@ struct ConnLabels {
     port: Label,
 }
 
+impl ConnLabels {
+    /// The labels of a client connection's process and destination.
+    fn remote_labels(&self) -> RemoteLabels {
+        RemoteLabels {
+            comm: self.comm.clone(),
+            container_id: self.container_id.clone(),
+            pod_uid: self.pod_uid.clone(),
+            remote: self.remote.clone(),
+        }
+    }
+
+    /// The labels of a server connection's process and listening port.
+    fn port_labels(&self) -> PortLabels {
+        PortLabels {
+            comm: self.comm.clone(),
+            container_id: self.container_id.clone(),
+            pod_uid: self.pod_uid.clone(),
+            port: self.port.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CloseLabels {
     comm: Label,
@@ -526,22 +548,19 @@ impl Metrics {
         match &event.detail {
             Detail::Open(open) => {
                 self.zero_problem_counters(event);
-                self.connections_opened
-                    .get_or_create(&self.conn_labels(event))
-                    .inc();
+                let conn = self.conn_labels(event);
+                self.connections_opened.get_or_create(&conn).inc();
+                // Connect times come with client connections, accept waits with
+                // server ones: the labels just decided name the same
+                // destination or port.
                 if let Some(us) = open.connect_us {
                     self.connect_duration
-                        .get_or_create(&self.remote_labels(
-                            event.pid,
-                            &event.comm,
-                            event.raddr,
-                            event.rport,
-                        ))
+                        .get_or_create(&conn.remote_labels())
                         .observe(us as f64 / 1e6);
                 }
                 if let Some(us) = open.accept_wait_us {
                     self.accept_wait
-                        .get_or_create(&self.port_labels(event.pid, &event.comm, event.lport))
+                        .get_or_create(&conn.port_labels())
                         .observe(us as f64 / 1e6);
                 }
             }
@@ -568,14 +587,13 @@ impl Metrics {
                         && !close.awaiting_reply
                         && idle as f64 >= GRACEFUL_MS
                     {
-                        self.idle_timeout_mismatches
-                            .get_or_create(&self.remote_labels(
-                                event.pid,
-                                &event.comm,
-                                event.raddr,
-                                event.rport,
-                            ))
-                            .inc();
+                        let remote = RemoteLabels {
+                            comm: labels.comm.clone(),
+                            container_id: labels.container_id.clone(),
+                            pod_uid: labels.pod_uid.clone(),
+                            remote: labels.remote.clone(),
+                        };
+                        self.idle_timeout_mismatches.get_or_create(&remote).inc();
                     }
                 }
             }
