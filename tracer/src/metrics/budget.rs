@@ -39,9 +39,9 @@ pub const OTHER: &str = "other";
 
 /// A command name as the kernel keeps it (at most 15 bytes): a key that needs
 /// no allocation.
-type Comm = [u8; 16];
+pub(super) type Comm = [u8; 16];
 
-fn comm_key(comm: &str) -> Comm {
+pub(super) fn comm_key(comm: &str) -> Comm {
     let mut key = [0; 16];
     let len = comm.len().min(key.len());
     key[..len].copy_from_slice(&comm.as_bytes()[..len]);
@@ -167,17 +167,6 @@ impl Budget {
         };
         self.port_decisions.put(key, label.clone());
         (process, label)
-    }
-
-    /// Whether `remote` was asked about this destination recently.
-    pub fn knows_remote(&self, pid: u32, comm: &str, addr: IpAddr, port: u16) -> bool {
-        self.remote_decisions
-            .contains(&(pid, comm_key(comm), addr, port))
-    }
-
-    /// Whether `port` was asked about this listening port recently.
-    pub fn knows_port(&self, pid: u32, comm: &str, port: u16) -> bool {
-        self.port_decisions.contains(&(pid, comm_key(comm), port))
     }
 }
 

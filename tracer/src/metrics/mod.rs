@@ -7,6 +7,7 @@
 
 mod budget;
 pub mod format;
+mod series;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -33,11 +34,10 @@ use self::budget::{Budget, Label, no_label};
 use crate::{
     diagnosis::{
         CloseWaitEntry, Diagnoser, Occurrence,
-        estimate::GRACEFUL_MS,
         finding::{Finding, FindingKind},
         pools::{PoolCounters, PoolRef},
     },
-    event::{ClosedBy, Detail, Direction, Event, Role},
+    event::{ClosedBy, Detail, Event, Role},
     loader::AttachReport,
     session::Stats,
 };
@@ -184,6 +184,8 @@ pub struct Metrics {
     gauge_sets: Mutex<GaugeSets>,
     agent_last: Mutex<Stats>,
 
+    /// Handles of the per-connection series, see [`series`].
+    series: Mutex<series::SeriesCache>,
     connections_opened: Family<ConnLabels, Counter>,
     connections_closed: Family<CloseLabels, Counter>,
     idle_at_close: SecondsHistogram<CloseLabels>,
@@ -237,6 +239,7 @@ impl Metrics {
             last_requests: Mutex::default(),
             gauge_sets: Mutex::default(),
             agent_last: Mutex::default(),
+            series: Mutex::new(series::cache()),
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             idle_at_close: Family::new_with_constructor(idle_histogram),
@@ -507,111 +510,10 @@ impl Metrics {
         }
     }
 
-    /// Creates the problem counters a new connection could raise at zero, so
-    /// that their first increment shows in `increase()` rather than being the
-    /// series' first sample (which rate functions cannot see grow). Once per
-    /// destination or port while its labels stay cached: an open is the hot path
-    /// of connection churn.
-    fn zero_problem_counters(&self, event: &Event) {
-        let known = match event.role {
-            Role::Server => self
-                .budget()
-                .knows_port(event.pid, &event.comm, event.lport),
-            _ => self
-                .budget()
-                .knows_remote(event.pid, &event.comm, event.raddr, event.rport),
-        };
-        if known {
-            return;
-        }
-        match event.role {
-            Role::Server => {
-                let labels = self.port_labels(event.pid, &event.comm, event.lport);
-                self.late_request_resets.get_or_create(&labels).inc_by(0);
-                self.listen_drops.get_or_create(&labels).inc_by(0);
-            }
-            _ => {
-                let labels = self.remote_labels(event.pid, &event.comm, event.raddr, event.rport);
-                for family in [
-                    &self.stale_reuses,
-                    &self.idle_timeout_mismatches,
-                    &self.silent_drops,
-                    &self.close_wait_leaks,
-                ] {
-                    family.get_or_create(&labels).inc_by(0);
-                }
-            }
-        }
-    }
-
     pub fn observe_event(&self, event: &Event) {
         match &event.detail {
-            Detail::Open(open) => {
-                self.zero_problem_counters(event);
-                let conn = self.conn_labels(event);
-                self.connections_opened.get_or_create(&conn).inc();
-                // Connect times come with client connections, accept waits with
-                // server ones: the labels just decided name the same
-                // destination or port.
-                if let Some(us) = open.connect_us {
-                    self.connect_duration
-                        .get_or_create(&conn.remote_labels())
-                        .observe(us as f64 / 1e6);
-                }
-                if let Some(us) = open.accept_wait_us {
-                    self.accept_wait
-                        .get_or_create(&conn.port_labels())
-                        .observe(us as f64 / 1e6);
-                }
-            }
-            Detail::Close(close) => {
-                let conn = self.conn_labels(event);
-                let labels = CloseLabels {
-                    comm: conn.comm,
-                    container_id: conn.container_id,
-                    pod_uid: conn.pod_uid,
-                    role: conn.role,
-                    remote: conn.remote,
-                    port: conn.port,
-                    closed_by: closed_by_name(close.closed_by),
-                };
-                self.connections_closed.get_or_create(&labels).inc();
-                if let Some(idle) = close.idle_ms {
-                    self.idle_at_close
-                        .get_or_create(&labels)
-                        .observe(idle as f64 / 1000.0);
-                    // The race window of idle_timeout_mismatch: the destination
-                    // closed an idle connection this process opened.
-                    if event.role == Role::Client
-                        && close.closed_by == ClosedBy::Peer
-                        && !close.awaiting_reply
-                        && idle as f64 >= GRACEFUL_MS
-                    {
-                        let remote = RemoteLabels {
-                            comm: labels.comm.clone(),
-                            container_id: labels.container_id.clone(),
-                            pod_uid: labels.pod_uid.clone(),
-                            remote: labels.remote.clone(),
-                        };
-                        self.idle_timeout_mismatches.get_or_create(&remote).inc();
-                    }
-                }
-            }
-            Detail::Reset(reset) => {
-                let conn = self.conn_labels(event);
-                let labels = ResetLabels {
-                    comm: conn.comm,
-                    container_id: conn.container_id,
-                    pod_uid: conn.pod_uid,
-                    role: conn.role,
-                    remote: conn.remote,
-                    port: conn.port,
-                    direction: match reset.direction {
-                        Direction::In => "in",
-                        Direction::Out => "out",
-                    },
-                };
-                self.resets.get_or_create(&labels).inc();
+            Detail::Open(_) | Detail::Close(_) | Detail::Reset(_) => {
+                self.observe_connection(event);
             }
             Detail::Retransmit(retransmit) => {
                 let after_idle = retransmit

@@ -8,7 +8,7 @@ use std::{
 use super::*;
 use crate::{
     diagnosis::{self, Diagnoser},
-    event::{Close, Open},
+    event::{Close, Direction, Open},
 };
 
 fn metrics(max_destinations: usize) -> Metrics {
@@ -68,6 +68,94 @@ fn value(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn kept_series_count_each_kind_apart() {
+    let m = metrics(20);
+    let reset = |direction| {
+        Detail::Reset(crate::event::Reset {
+            direction,
+            state: "ESTABLISHED",
+            idle_ms: Some(10),
+            since_close_ms: None,
+            closed_by: None,
+            awaiting_reply: true,
+        })
+    };
+    let close_by = |closed_by| {
+        let mut close = peer_close(1000);
+        if let Detail::Close(c) = &mut close {
+            c.closed_by = closed_by;
+        }
+        close
+    };
+    // Repeated, so that the later ones go through the kept handles.
+    for _ in 0..3 {
+        m.observe_event(&event(8080, close_by(ClosedBy::Peer)));
+        m.observe_event(&event(8080, close_by(ClosedBy::Local)));
+        m.observe_event(&event(8080, reset(Direction::In)));
+    }
+    m.observe_event(&event(8080, reset(Direction::Out)));
+    // Another destination of the same process has series of its own.
+    m.observe_event(&event(9090, close_by(ClosedBy::Peer)));
+    let text = text(&m);
+    let labels = |port| {
+        format!(
+            "comm=\"client\",container_id=\"\",pod_uid=\"\",role=\"client\",remote=\"127.0.0.1:{port}\",port=\"\""
+        )
+    };
+    let closed = |port, by| {
+        value(
+            &text,
+            &format!(
+                "tcptracer_connections_closed_total{{{},closed_by=\"{by}\"}}",
+                labels(port)
+            ),
+        )
+    };
+    assert_eq!(closed(8080, "peer"), Some(3.0));
+    assert_eq!(closed(8080, "local"), Some(3.0));
+    assert_eq!(closed(9090, "peer"), Some(1.0));
+    let resets = |direction| {
+        value(
+            &text,
+            &format!(
+                "tcptracer_resets_total{{{},direction=\"{direction}\"}}",
+                labels(8080)
+            ),
+        )
+    };
+    assert_eq!(resets("in"), Some(3.0));
+    assert_eq!(resets("out"), Some(1.0));
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                "tcptracer_connection_idle_at_close_seconds_count{{{},closed_by=\"local\"}}",
+                labels(8080)
+            )
+        ),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn a_servers_first_event_creates_its_problem_counters_at_zero() {
+    let m = metrics(20);
+    let mut close = event(40_001, peer_close(1000));
+    close.role = Role::Server;
+    close.lport = 8443;
+    m.observe_event(&close);
+    let text = text(&m);
+    assert_eq!(
+        value(
+            &text,
+            "tcptracer_late_request_resets_total{comm=\"client\",container_id=\"\",pod_uid=\"\",port=\"8443\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
 }
 
 #[test]

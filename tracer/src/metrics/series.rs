@@ -1,0 +1,213 @@
+//! The series a connection's open, close and reset events update, found once
+//! per process and endpoint and then kept.
+//!
+//! Finding them from scratch takes the cardinality budget's decisions (three
+//! cache lookups under a lock) and, per family, a hash of six label strings
+//! with the standard library's SipHash (prometheus-client's families use
+//! it) under the family's lock: most of what the metrics cost per event.
+//! A connection-churning workload repeats the same process and endpoint for
+//! every connection, so the handles (reference-counted, like the families'
+//! own) are kept here, keyed by numbers. The per-event families never remove
+//! a series, so a kept handle always counts into the registry.
+
+use std::{net::IpAddr, num::NonZeroUsize};
+
+use foldhash::fast::RandomState;
+use lru::LruCache;
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+
+use super::{
+    CloseLabels, ConnLabels, Metrics, RemoteLabels, ResetLabels,
+    budget::{Comm, comm_key},
+    closed_by_name,
+};
+use crate::{
+    diagnosis::estimate::GRACEFUL_MS,
+    event::{ClosedBy, Detail, Direction, Event, Role},
+};
+
+/// Processes and endpoints whose series are kept; the least recently used
+/// are found again when they come back.
+const KEPT: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
+
+/// A process and the endpoint its connections are counted under: the
+/// destination for client connections, the listening port for server ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct SeriesKey {
+    pid: u32,
+    comm: Comm,
+    role: Role,
+    addr: Option<IpAddr>,
+    port: u16,
+}
+
+impl SeriesKey {
+    fn of(event: &Event) -> Self {
+        let (addr, port) = match event.role {
+            Role::Server => (None, event.lport),
+            _ => (Some(event.raddr), event.rport),
+        };
+        Self {
+            pid: event.pid,
+            comm: comm_key(&event.comm),
+            role: event.role,
+            addr,
+            port,
+        }
+    }
+}
+
+/// One process and endpoint's series, each created when first needed.
+pub(super) struct ConnSeries {
+    labels: ConnLabels,
+    opened: Counter,
+    connect: Option<Histogram>,
+    accept_wait: Option<Histogram>,
+    /// `connections_closed` and `idle_at_close`, by [`ClosedBy`].
+    closed: [Option<(Counter, Histogram)>; CLOSED_BY_KINDS],
+    /// By [`Direction`]: in, out.
+    resets: [Option<Counter>; 2],
+    idle_timeout_mismatches: Option<Counter>,
+}
+
+const CLOSED_BY_KINDS: usize = ClosedBy::Unknown as usize + 1;
+
+pub(super) type SeriesCache = LruCache<SeriesKey, ConnSeries, RandomState>;
+
+pub(super) fn cache() -> SeriesCache {
+    LruCache::with_hasher(KEPT, RandomState::default())
+}
+
+impl ConnSeries {
+    fn remote_labels(&self) -> RemoteLabels {
+        self.labels.remote_labels()
+    }
+}
+
+impl Metrics {
+    /// Counts an open, close or reset into its connection's series.
+    pub(super) fn observe_connection(&self, event: &Event) {
+        let mut cache = self.series.lock().expect("metrics series");
+        let series = cache.get_or_insert_mut(SeriesKey::of(event), || self.conn_series(event));
+        match &event.detail {
+            Detail::Open(open) => {
+                series.opened.inc();
+                if let Some(us) = open.connect_us {
+                    series
+                        .connect
+                        .get_or_insert_with(|| {
+                            (*self
+                                .connect_duration
+                                .get_or_create(&series.labels.remote_labels()))
+                            .clone()
+                        })
+                        .observe(us as f64 / 1e6);
+                }
+                if let Some(us) = open.accept_wait_us {
+                    series
+                        .accept_wait
+                        .get_or_insert_with(|| {
+                            (*self.accept_wait.get_or_create(&series.labels.port_labels())).clone()
+                        })
+                        .observe(us as f64 / 1e6);
+                }
+            }
+            Detail::Close(close) => {
+                let labels = &series.labels;
+                let (closed, idle_at_close) = series.closed[close.closed_by as usize]
+                    .get_or_insert_with(|| {
+                        let labels = CloseLabels {
+                            comm: labels.comm.clone(),
+                            container_id: labels.container_id.clone(),
+                            pod_uid: labels.pod_uid.clone(),
+                            role: labels.role,
+                            remote: labels.remote.clone(),
+                            port: labels.port.clone(),
+                            closed_by: closed_by_name(close.closed_by),
+                        };
+                        (
+                            (*self.connections_closed.get_or_create(&labels)).clone(),
+                            (*self.idle_at_close.get_or_create(&labels)).clone(),
+                        )
+                    });
+                closed.inc();
+                if let Some(idle) = close.idle_ms {
+                    idle_at_close.observe(idle as f64 / 1000.0);
+                    // The race window of idle_timeout_mismatch: the destination
+                    // closed an idle connection this process opened.
+                    if event.role == Role::Client
+                        && close.closed_by == ClosedBy::Peer
+                        && !close.awaiting_reply
+                        && idle as f64 >= GRACEFUL_MS
+                    {
+                        let remote = series.remote_labels();
+                        series
+                            .idle_timeout_mismatches
+                            .get_or_insert_with(|| {
+                                (*self.idle_timeout_mismatches.get_or_create(&remote)).clone()
+                            })
+                            .inc();
+                    }
+                }
+            }
+            Detail::Reset(reset) => {
+                let labels = &series.labels;
+                let (index, direction) = match reset.direction {
+                    Direction::In => (0, "in"),
+                    Direction::Out => (1, "out"),
+                };
+                series.resets[index]
+                    .get_or_insert_with(|| {
+                        let labels = ResetLabels {
+                            comm: labels.comm.clone(),
+                            container_id: labels.container_id.clone(),
+                            pod_uid: labels.pod_uid.clone(),
+                            role: labels.role,
+                            remote: labels.remote.clone(),
+                            port: labels.port.clone(),
+                            direction,
+                        };
+                        (*self.resets.get_or_create(&labels)).clone()
+                    })
+                    .inc();
+            }
+            Detail::Reuse(_) | Detail::Retransmit(_) | Detail::ConnectError(_) => {}
+        }
+    }
+
+    /// A process and endpoint seen for the first time (or again after its
+    /// series left the cache): its labels, decided by the budget, and the
+    /// problem counters it could raise created at zero, so that their first
+    /// increment shows in `increase()` rather than being the series' first
+    /// sample (which rate functions cannot see grow).
+    fn conn_series(&self, event: &Event) -> ConnSeries {
+        let labels = self.conn_labels(event);
+        match event.role {
+            Role::Server => {
+                let port = labels.port_labels();
+                self.late_request_resets.get_or_create(&port).inc_by(0);
+                self.listen_drops.get_or_create(&port).inc_by(0);
+            }
+            _ => {
+                let remote = labels.remote_labels();
+                for family in [
+                    &self.stale_reuses,
+                    &self.idle_timeout_mismatches,
+                    &self.silent_drops,
+                    &self.close_wait_leaks,
+                ] {
+                    family.get_or_create(&remote).inc_by(0);
+                }
+            }
+        }
+        ConnSeries {
+            opened: (*self.connections_opened.get_or_create(&labels)).clone(),
+            labels,
+            connect: None,
+            accept_wait: None,
+            closed: Default::default(),
+            resets: Default::default(),
+            idle_timeout_mismatches: None,
+        }
+    }
+}
