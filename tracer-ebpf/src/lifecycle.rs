@@ -413,7 +413,15 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
         closed_by: state.closed_by,
         _pad: 0,
     };
-    let _ = RECENTLY_CLOSED.insert(conn, closed, 0);
+    // Resets that follow CLOSE come from the side that closed first (its
+    // TIME_WAIT remnant answers late segments) or from an abort (the RST goes
+    // out just after). The side that closed last (LAST_ACK) leaves no remnant:
+    // late segments find no socket, and their resets carry none. Half of a
+    // connection's inserts into this full LRU table, each of which evicts, are
+    // spared.
+    if old != TCP_LAST_ACK {
+        let _ = RECENTLY_CLOSED.insert(conn, closed, 0);
+    }
     forget(sock.0);
     Ok(())
 }

@@ -60,7 +60,7 @@ impl SeriesKey {
 /// One process and endpoint's series, each created when first needed.
 pub(super) struct ConnSeries {
     labels: ConnLabels,
-    opened: Counter,
+    opened: Option<Counter>,
     connect: Option<Histogram>,
     accept_wait: Option<Histogram>,
     /// `connections_closed` and `idle_at_close`, by [`ClosedBy`].
@@ -91,7 +91,10 @@ impl Metrics {
         let series = cache.get_or_insert_mut(SeriesKey::of(event), || self.conn_series(event));
         match &event.detail {
             Detail::Open(open) => {
-                series.opened.inc();
+                series
+                    .opened
+                    .get_or_insert_with(|| self.first_open(&series.labels, event.role))
+                    .inc();
                 if let Some(us) = open.connect_us {
                     series
                         .connect
@@ -176,13 +179,25 @@ impl Metrics {
     }
 
     /// A process and endpoint seen for the first time (or again after its
-    /// series left the cache): its labels, decided by the budget, and the
-    /// problem counters it could raise created at zero, so that their first
-    /// increment shows in `increase()` rather than being the series' first
-    /// sample (which rate functions cannot see grow).
+    /// series left the cache): its labels, as the budget decides them.
     fn conn_series(&self, event: &Event) -> ConnSeries {
-        let labels = self.conn_labels(event);
-        match event.role {
+        ConnSeries {
+            labels: self.conn_labels(event),
+            opened: None,
+            connect: None,
+            accept_wait: None,
+            closed: Default::default(),
+            resets: Default::default(),
+            idle_timeout_mismatches: None,
+        }
+    }
+
+    /// The first open of a process and endpoint: its `connections_opened`
+    /// series, and the problem counters it could raise created at zero, so
+    /// that their first increment shows in `increase()` rather than being the
+    /// series' first sample (which rate functions cannot see grow).
+    fn first_open(&self, labels: &ConnLabels, role: Role) -> Counter {
+        match role {
             Role::Server => {
                 let port = labels.port_labels();
                 self.late_request_resets.get_or_create(&port).inc_by(0);
@@ -200,14 +215,6 @@ impl Metrics {
                 }
             }
         }
-        ConnSeries {
-            opened: (*self.connections_opened.get_or_create(&labels)).clone(),
-            labels,
-            connect: None,
-            accept_wait: None,
-            closed: Default::default(),
-            resets: Default::default(),
-            idle_timeout_mismatches: None,
-        }
+        (*self.connections_opened.get_or_create(labels)).clone()
     }
 }

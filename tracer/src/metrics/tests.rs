@@ -141,19 +141,34 @@ fn kept_series_count_each_kind_apart() {
 }
 
 #[test]
-fn a_servers_first_event_creates_its_problem_counters_at_zero() {
+fn a_first_open_creates_the_problem_counters_at_zero_and_a_close_alone_does_not() {
     let m = metrics(20);
-    let mut close = event(40_001, peer_close(1000));
-    close.role = Role::Server;
-    close.lport = 8443;
-    m.observe_event(&close);
+    let server = |port, detail| {
+        let mut e = event(40_001, detail);
+        e.role = Role::Server;
+        e.lport = port;
+        e
+    };
+    let open = Detail::Open(Open {
+        connect_us: None,
+        accept_wait_us: Some(30),
+    });
+    m.observe_event(&server(8443, open));
+    // A connection older than the agent: its close is its first event.
+    m.observe_event(&server(9443, peer_close(1000)));
     let text = text(&m);
-    assert_eq!(
+    let late = |port| {
         value(
             &text,
-            "tcptracer_late_request_resets_total{comm=\"client\",container_id=\"\",pod_uid=\"\",port=\"8443\"}"
-        ),
-        Some(0.0),
+            &format!(
+                "tcptracer_late_request_resets_total{{comm=\"client\",container_id=\"\",pod_uid=\"\",port=\"{port}\"}}"
+            ),
+        )
+    };
+    assert_eq!(late(8443), Some(0.0), "{text}");
+    assert_eq!(late(9443), None, "{text}");
+    assert!(
+        !text.contains("tcptracer_connections_opened_total{comm=\"client\",container_id=\"\",pod_uid=\"\",role=\"server\",remote=\"\",port=\"9443\"}"),
         "{text}"
     );
 }
