@@ -414,12 +414,17 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
         _pad: 0,
     };
     // Resets that follow CLOSE come from the side that closed first (its
-    // TIME_WAIT remnant answers late segments) or from an abort (the RST goes
-    // out just after). The side that closed last (LAST_ACK) leaves no remnant:
-    // late segments find no socket, and their resets carry none. Half of a
-    // connection's inserts into this full LRU table, each of which evicts, are
-    // spared.
-    if old != TCP_LAST_ACK {
+    // TIME_WAIT remnant answers late segments) or from an abort: close() with
+    // unread data or SO_LINGER 0 sets CLOSE, then sends the RST, also from
+    // LAST_ACK after a shutdown(). The side that closed last, its FIN acked
+    // after the process let go of the socket (orphaned: no `struct socket`),
+    // leaves no remnant: late segments find no socket, and their resets carry
+    // none. That spares half of a connection's inserts into this table, which
+    // is full under any steady stream of connections, so that every insert
+    // evicts. (A peer sending data after its own FIN to such a socket is
+    // answered with a reset after CLOSE; that reset goes without an owner.)
+    let passive_end = old == TCP_LAST_ACK && matches!(sock.socket(), Ok(0));
+    if !passive_end {
         let _ = RECENTLY_CLOSED.insert(conn, closed, 0);
     }
     forget(sock.0);

@@ -2,7 +2,7 @@
 //! the ring buffer and socket-table sizes at load time.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::SkStorage,
     macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -29,12 +29,13 @@ pub static LISTENERS: LruHashMap<ListenerKey, Owner> = LruHashMap::with_max_entr
 #[map]
 pub static CONNECTS: LruHashMap<u64, ConnectCall> = LruHashMap::with_max_entries(16_384, 0);
 
-/// Full under any steady stream of connections, so every insert evicts: with
-/// a free list per CPU (BPF_F_NO_COMMON_LRU) eviction takes no lock shared
-/// between CPUs. Lookups see every CPU's entries.
+/// One shared LRU list, not one per CPU (BPF_F_NO_COMMON_LRU, cheaper
+/// eviction): split per CPU, a host whose closes mostly run on one CPU would
+/// keep a fraction of the entries, and a late request can come tens of seconds
+/// after the close.
 #[map]
 pub static RECENTLY_CLOSED: LruHashMap<Endpoints, ClosedConn> =
-    LruHashMap::with_max_entries(16_384, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(16_384, 0);
 
 /// Sockets whose connect() failure was reported from the state change, so that
 /// a later connect() on the same socket that only re-reads the failure (some

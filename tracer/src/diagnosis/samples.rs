@@ -48,7 +48,7 @@ impl Samples {
         (self.total > 0).then_some(self.max)
     }
 
-    pub fn recent(&self) -> Vec<f64> {
+    fn recent(&self) -> Vec<f64> {
         self.recent.iter().copied().collect()
     }
 

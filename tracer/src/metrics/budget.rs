@@ -56,7 +56,8 @@ struct Allowance {
 
 /// Decisions already made, per process and per destination. A decision never
 /// changes once made (budgets only fill), and making it again costs a /proc
-/// lookup, string formatting and hashing on every event.
+/// lookup, string formatting and hashing. (Opens, closes and resets ask through
+/// the series cache, see `series`, which keeps their labels.)
 const CACHED_DECISIONS: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 pub struct Budget {

@@ -87,27 +87,35 @@ impl ConnLabels {
             port: self.port.clone(),
         }
     }
+
+    fn closed(&self, closed_by: ClosedBy) -> CloseLabels {
+        CloseLabels {
+            conn: self.clone(),
+            closed_by: closed_by_name(closed_by),
+        }
+    }
+
+    fn reset(&self, direction: &'static str) -> ResetLabels {
+        ResetLabels {
+            conn: self.clone(),
+            direction,
+        }
+    }
 }
 
+/// A connection's labels and who closed it: `closed_by` comes last in the
+/// exposition.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CloseLabels {
-    comm: Label,
-    container_id: Label,
-    pod_uid: Label,
-    role: &'static str,
-    remote: Label,
-    port: Label,
+    #[prometheus(flatten)]
+    conn: ConnLabels,
     closed_by: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResetLabels {
-    comm: Label,
-    container_id: Label,
-    pod_uid: Label,
-    role: &'static str,
-    remote: Label,
-    port: Label,
+    #[prometheus(flatten)]
+    conn: ConnLabels,
     direction: &'static str,
 }
 
@@ -184,7 +192,9 @@ pub struct Metrics {
     gauge_sets: Mutex<GaugeSets>,
     agent_last: Mutex<Stats>,
 
-    /// Handles of the per-connection series, see [`series`].
+    /// Handles of the series below, per process and endpoint, see [`series`]:
+    /// these families must never remove a series, or a kept handle would
+    /// count outside the registry.
     series: Mutex<series::SeriesCache>,
     connections_opened: Family<ConnLabels, Counter>,
     connections_closed: Family<CloseLabels, Counter>,

@@ -1,10 +1,10 @@
 //! The series a connection's open, close and reset events update, found once
 //! per process and endpoint and then kept.
 //!
-//! Finding them from scratch takes the cardinality budget's decisions (three
-//! cache lookups under a lock) and, per family, a hash of six label strings
-//! with the standard library's SipHash (prometheus-client's families use
-//! it) under the family's lock: most of what the metrics cost per event.
+//! Finding them from scratch takes the cardinality budget's decisions (cache
+//! lookups under a lock) and, per family, a hash of six or seven label
+//! strings with the standard library's SipHash (prometheus-client's families
+//! use it) under the family's lock: most of what the metrics cost per event.
 //! A connection-churning workload repeats the same process and endpoint for
 //! every connection, so the handles (reference-counted, like the families'
 //! own) are kept here, keyed by numbers. The per-event families never remove
@@ -17,9 +17,8 @@ use lru::LruCache;
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
 use super::{
-    CloseLabels, ConnLabels, Metrics, RemoteLabels, ResetLabels,
+    ConnLabels, Metrics,
     budget::{Comm, comm_key},
-    closed_by_name,
 };
 use crate::{
     diagnosis::estimate::GRACEFUL_MS,
@@ -63,25 +62,28 @@ pub(super) struct ConnSeries {
     opened: Option<Counter>,
     connect: Option<Histogram>,
     accept_wait: Option<Histogram>,
-    /// `connections_closed` and `idle_at_close`, by [`ClosedBy`].
-    closed: [Option<(Counter, Histogram)>; CLOSED_BY_KINDS],
+    /// `connections_closed` and `idle_at_close`, by [`closed_by_index`].
+    closed: [Option<(Counter, Histogram)>; 6],
     /// By [`Direction`]: in, out.
     resets: [Option<Counter>; 2],
     idle_timeout_mismatches: Option<Counter>,
 }
 
-const CLOSED_BY_KINDS: usize = ClosedBy::Unknown as usize + 1;
+fn closed_by_index(closed_by: ClosedBy) -> usize {
+    match closed_by {
+        ClosedBy::Local => 0,
+        ClosedBy::Peer => 1,
+        ClosedBy::ResetLocal => 2,
+        ClosedBy::ResetPeer => 3,
+        ClosedBy::Timeout => 4,
+        ClosedBy::Unknown => 5,
+    }
+}
 
 pub(super) type SeriesCache = LruCache<SeriesKey, ConnSeries, RandomState>;
 
 pub(super) fn cache() -> SeriesCache {
     LruCache::with_hasher(KEPT, RandomState::default())
-}
-
-impl ConnSeries {
-    fn remote_labels(&self) -> RemoteLabels {
-        self.labels.remote_labels()
-    }
 }
 
 impl Metrics {
@@ -117,17 +119,9 @@ impl Metrics {
             }
             Detail::Close(close) => {
                 let labels = &series.labels;
-                let (closed, idle_at_close) = series.closed[close.closed_by as usize]
+                let (closed, idle_at_close) = series.closed[closed_by_index(close.closed_by)]
                     .get_or_insert_with(|| {
-                        let labels = CloseLabels {
-                            comm: labels.comm.clone(),
-                            container_id: labels.container_id.clone(),
-                            pod_uid: labels.pod_uid.clone(),
-                            role: labels.role,
-                            remote: labels.remote.clone(),
-                            port: labels.port.clone(),
-                            closed_by: closed_by_name(close.closed_by),
-                        };
+                        let labels = labels.closed(close.closed_by);
                         (
                             (*self.connections_closed.get_or_create(&labels)).clone(),
                             (*self.idle_at_close.get_or_create(&labels)).clone(),
@@ -143,7 +137,7 @@ impl Metrics {
                         && !close.awaiting_reply
                         && idle as f64 >= GRACEFUL_MS
                     {
-                        let remote = series.remote_labels();
+                        let remote = series.labels.remote_labels();
                         series
                             .idle_timeout_mismatches
                             .get_or_insert_with(|| {
@@ -161,19 +155,11 @@ impl Metrics {
                 };
                 series.resets[index]
                     .get_or_insert_with(|| {
-                        let labels = ResetLabels {
-                            comm: labels.comm.clone(),
-                            container_id: labels.container_id.clone(),
-                            pod_uid: labels.pod_uid.clone(),
-                            role: labels.role,
-                            remote: labels.remote.clone(),
-                            port: labels.port.clone(),
-                            direction,
-                        };
-                        (*self.resets.get_or_create(&labels)).clone()
+                        (*self.resets.get_or_create(&labels.reset(direction))).clone()
                     })
                     .inc();
             }
+            // `observe_event` hands over only opens, closes and resets.
             Detail::Reuse(_) | Detail::Retransmit(_) | Detail::ConnectError(_) => {}
         }
     }
