@@ -20,8 +20,15 @@ pub struct ProcOwner {
 }
 
 /// Connection-to-process table from /proc, rebuilt on demand at a bounded rate.
+///
+/// Two passes are kept: the latest, and the one before it, for a connection
+/// whose process closed its fd between them and that still reports a late
+/// event. Older entries go: kept until a bound, they grew the agent by every
+/// connection alive at each pass (a soak of a million connections, with a
+/// pass every 10 s, grew its RSS linearly).
 pub struct SocketOwners {
     table: HashMap<ConnKey, ProcOwner>,
+    previous: HashMap<ConnKey, ProcOwner>,
     scanned: Option<Instant>,
     min_rescan: Duration,
 }
@@ -30,6 +37,7 @@ impl Default for SocketOwners {
     fn default() -> Self {
         Self {
             table: HashMap::new(),
+            previous: HashMap::new(),
             scanned: None,
             // A full pass reads every process's fd table: not more often.
             min_rescan: Duration::from_secs(10),
@@ -40,24 +48,27 @@ impl Default for SocketOwners {
 impl SocketOwners {
     /// Reads /proc now: call at start, while connections that predate the agent
     /// are still listed there.
-    /// Entries from earlier passes are kept (a connection whose process closed
-    /// its fd can still report a late event) until the table grows past a bound.
     pub fn refresh(&mut self) {
-        const MAX_ENTRIES: usize = 200_000;
-        let fresh = scan();
-        if self.table.len() + fresh.len() > MAX_ENTRIES {
-            self.table = fresh;
-        } else {
-            self.table.extend(fresh);
-        }
+        self.replace(scan());
+    }
+
+    fn replace(&mut self, fresh: HashMap<ConnKey, ProcOwner>) {
+        self.previous = std::mem::replace(&mut self.table, fresh);
         self.scanned = Some(Instant::now());
+    }
+
+    fn known(&self, key: &ConnKey) -> Option<ProcOwner> {
+        self.table
+            .get(key)
+            .or_else(|| self.previous.get(key))
+            .cloned()
     }
 
     /// The process holding the connection, scanning /proc when the table is older
     /// than the rescan interval and does not know it.
     pub fn lookup(&mut self, key: &ConnKey) -> Option<ProcOwner> {
-        if let Some(owner) = self.table.get(key) {
-            return Some(owner.clone());
+        if let Some(owner) = self.known(key) {
+            return Some(owner);
         }
         if self
             .scanned
@@ -66,7 +77,7 @@ impl SocketOwners {
             return None;
         }
         self.refresh();
-        self.table.get(key).cloned()
+        self.known(key)
     }
 }
 
@@ -181,6 +192,26 @@ fn parse_endpoint(field: &str) -> Option<(IpAddr, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owners_outlive_one_pass_but_not_two() {
+        let localhost = IpAddr::from([127, 0, 0, 1]);
+        let key = |port| (localhost, port, localhost, 80);
+        let owner = |pid| ProcOwner {
+            pid,
+            comm: "curl".into(),
+        };
+        let mut owners = SocketOwners::default();
+        owners.replace(HashMap::from([(key(1), owner(1))]));
+        owners.replace(HashMap::from([(key(2), owner(2))]));
+        // The first connection's process let go of it: still known, once.
+        assert_eq!(owners.known(&key(1)), Some(owner(1)));
+        assert_eq!(owners.known(&key(2)), Some(owner(2)));
+        owners.replace(HashMap::from([(key(3), owner(3))]));
+        assert_eq!(owners.known(&key(1)), None);
+        assert_eq!(owners.known(&key(2)), Some(owner(2)));
+        assert_eq!(owners.table.len() + owners.previous.len(), 2);
+    }
 
     #[test]
     fn parses_proc_net_tcp_rows() {
