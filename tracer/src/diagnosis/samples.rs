@@ -53,15 +53,17 @@ impl Samples {
     }
 
     pub fn summary(&self) -> Option<Summary> {
-        if self.recent.is_empty() {
-            return None;
-        }
         let mut sorted = self.recent();
         sorted.sort_by(f64::total_cmp);
-        Some(Summary {
+        self.summary_of(&sorted)
+    }
+
+    /// The summary, given the window in ascending order.
+    fn summary_of(&self, sorted: &[f64]) -> Option<Summary> {
+        (!sorted.is_empty()).then(|| Summary {
             count: self.total,
-            p50_ms: quantile(&sorted, 0.5),
-            p90_ms: quantile(&sorted, 0.9),
+            p50_ms: quantile(sorted, 0.5),
+            p90_ms: quantile(sorted, 0.9),
             max_ms: self.max,
         })
     }
@@ -109,12 +111,7 @@ impl OrderedSamples {
     }
 
     pub fn summary(&self) -> Option<Summary> {
-        (!self.sorted.is_empty()).then(|| Summary {
-            count: self.samples.total,
-            p50_ms: quantile(&self.sorted, 0.5),
-            p90_ms: quantile(&self.sorted, 0.9),
-            max_ms: self.samples.max,
-        })
+        self.samples.summary_of(&self.sorted)
     }
 }
 
