@@ -7,7 +7,6 @@ use std::{
 };
 
 use tracer_common::{
-    COMM_LEN,
     event::{
         self as raw, CLOSE_AWAITING_REPLY, CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN,
         CLOSE_WAIT_KNOWN, EventHeader, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE,
@@ -18,6 +17,7 @@ use tracer_common::{
 
 use crate::{
     clock::{Jiffies, WallClock},
+    comm::Comm,
     event::{
         Close, ClosedBy, ConnectError, Detail, Direction, Event, Open, Reset, Retransmit, Reuse,
         Role,
@@ -118,7 +118,7 @@ impl Decoder {
             ts: self.clock.to_wall(header.ts_ns),
             kind: detail.kind(),
             pid: header.pid,
-            comm: comm(&header.comm),
+            comm: Comm::from_kernel(&header.comm),
             laddr,
             lport: conn.lport,
             raddr,
@@ -200,11 +200,6 @@ pub fn addresses(conn: &raw::Endpoints) -> Result<(IpAddr, IpAddr), DecodeError>
     Ok((addr(&conn.laddr)?, addr(&conn.raddr)?))
 }
 
-pub fn comm(raw: &[u8; COMM_LEN]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
 fn millis(duration: Duration) -> u64 {
     duration.as_millis() as u64
 }
@@ -226,8 +221,9 @@ pub fn errno_name(errno: u32) -> String {
 mod tests {
     use std::time::SystemTime;
 
-    use tracer_common::event::{
-        CloseEvent, ConnectErrorEvent, Endpoints, OpenEvent, ROLE_CLIENT, ROLE_SERVER,
+    use tracer_common::{
+        COMM_LEN,
+        event::{CloseEvent, ConnectErrorEvent, Endpoints, OpenEvent, ROLE_CLIENT, ROLE_SERVER},
     };
 
     use super::*;

@@ -5,6 +5,8 @@ use std::{net::IpAddr, time::SystemTime};
 
 use serde::{Serialize, Serializer};
 
+use crate::comm::Comm;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -39,7 +41,7 @@ pub struct Event {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub laddr: IpAddr,
     pub lport: u16,
     pub raddr: IpAddr,

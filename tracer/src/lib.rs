@@ -7,6 +7,7 @@
 
 pub mod btf_offsets;
 pub mod clock;
+pub mod comm;
 pub mod containers;
 pub mod decode;
 pub mod diagnosis;

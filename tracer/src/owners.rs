@@ -10,13 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::comm::Comm;
+
 /// A connection as both /proc/net/tcp and events name it.
 pub type ConnKey = (IpAddr, u16, IpAddr, u16);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcOwner {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
 }
 
 /// Connection-to-process table from /proc, rebuilt on demand at a bounded rate.
@@ -102,17 +104,16 @@ pub fn socket_inode_owners() -> HashMap<u64, ProcOwner> {
             continue;
         };
         let comm = fs::read_to_string(dir.join("comm"))
-            .map(|c| c.trim_end().to_string())
+            .map(|c| Comm::from(c.trim_end()))
             .unwrap_or_default();
         for fd in fds.flatten() {
             if let Some(inode) = fs::read_link(fd.path())
                 .ok()
                 .and_then(|target| socket_inode(target.to_str()?))
             {
-                owners.entry(inode).or_insert_with(|| ProcOwner {
-                    pid,
-                    comm: comm.clone(),
-                });
+                owners
+                    .entry(inode)
+                    .or_insert_with(|| ProcOwner { pid, comm });
             }
         }
     }

@@ -17,6 +17,7 @@ use tracer_common::{
 
 use crate::{
     clock::{ClockError, Jiffies, WallClock},
+    comm::Comm,
     decode::{self, Decoder},
     diagnosis::{
         self, CloseWaitEntry, DestinationKey,
@@ -199,7 +200,7 @@ impl Session {
             let mut entry = CloseWaitEntry {
                 sock,
                 pid: waiting.owner.pid,
-                comm: decode::comm(&waiting.owner.comm),
+                comm: Comm::from_kernel(&waiting.owner.comm),
                 raddr,
                 rport: waiting.conn.rport,
                 lport: waiting.conn.lport,

@@ -7,6 +7,8 @@ use foldhash::fast::RandomState;
 use lru::LruCache;
 use serde::{Serialize, Serializer};
 
+use crate::comm::Comm;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FindingKind {
@@ -81,7 +83,7 @@ pub struct Finding {
     pub kind: FindingKind,
     pub severity: Severity,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// The remote endpoint (client-side findings), or the latest client
     /// (server-side findings).
     pub raddr: Option<IpAddr>,

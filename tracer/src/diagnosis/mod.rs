@@ -26,7 +26,10 @@ use self::{
     finding::{Finding, FindingBook, FindingKey, FindingKind, Materiality, Severity},
     samples::{OrderedSamples, Samples},
 };
-use crate::event::{Close, ClosedBy, Detail, Direction, Event, Reset, Reuse, Role};
+use crate::{
+    comm::Comm,
+    event::{Close, ClosedBy, Detail, Direction, Event, Reset, Reuse, Role},
+};
 
 /// How close a peer's reset or FIN must follow (or, on loopback, precede: the
 /// answer can be processed inside the send call) a reuse to be its answer.
@@ -131,7 +134,7 @@ impl CloseCounts {
 /// server, to one of its listening ports).
 #[derive(Clone, Debug, Default)]
 pub struct ConnectionStats {
-    pub comm: String,
+    pub comm: Comm,
     pub role: Option<Role>,
     pub opened: u64,
     pub closes: CloseCounts,
@@ -169,7 +172,7 @@ pub struct ConnectionStats {
 impl ConnectionStats {
     fn touch(&mut self, event: &Event) {
         if !event.comm.is_empty() {
-            self.comm.clone_from(&event.comm);
+            self.comm = event.comm;
         }
         if event.role != Role::Unknown {
             self.role = Some(event.role);
@@ -231,7 +234,7 @@ type ConnectionKey = (u32, u16, IpAddr, u16);
 pub struct Occurrence {
     pub kind: FindingKind,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// Client side: the destination.
     pub remote: Option<(IpAddr, u16)>,
     /// Server side: the listening port.
@@ -246,7 +249,7 @@ pub struct CloseWaitEntry {
     /// The kernel's identity of the socket, stable while it lives.
     pub sock: u64,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub raddr: IpAddr,
     pub rport: u16,
     pub lport: u16,
@@ -304,7 +307,7 @@ impl Diagnoser {
         self.occurrences.push(Occurrence {
             kind,
             pid: event.pid,
-            comm: event.comm.clone(),
+            comm: event.comm,
             remote,
             lport,
             amount,
@@ -346,7 +349,7 @@ impl Diagnoser {
                 if error.error == "EADDRNOTAVAIL" {
                     findings.extend(self.address_not_available(
                         destination(event),
-                        &event.comm,
+                        event.comm,
                         event.ts,
                     ));
                 }
@@ -491,7 +494,7 @@ impl Diagnoser {
                 kind: FindingKind::SilentDrop,
                 severity: Severity::Error,
                 pid: event.pid,
-                comm: event.comm.clone(),
+                comm: event.comm,
                 raddr: Some(event.raddr),
                 rport: Some(event.rport),
                 lport: None,
@@ -611,7 +614,7 @@ impl Diagnoser {
             kind: FindingKind::StaleReuse,
             severity: Severity::Error,
             pid: event.pid,
-            comm: event.comm.clone(),
+            comm: event.comm,
             raddr: Some(event.raddr),
             rport: Some(event.rport),
             lport: None,
@@ -690,11 +693,11 @@ impl Diagnoser {
         let count = stats.late_request_resets;
         let after_close = reset.since_close_ms.unwrap_or(0.0);
         let comm = if stats.comm.is_empty() {
-            "this server".to_string()
+            "this server"
         } else {
-            stats.comm.clone()
+            stats.comm.as_str()
         };
-        let knob = server_idle_knob(&comm)
+        let knob = server_idle_knob(comm)
             .map(|knob| format!(" ({knob})"))
             .unwrap_or_default();
         let recommendation = match server_timeout {
@@ -721,7 +724,7 @@ impl Diagnoser {
             kind: FindingKind::LateRequestReset,
             severity: Severity::Warning,
             pid: event.pid,
-            comm: stats.comm.clone(),
+            comm: stats.comm,
             raddr: Some(event.raddr),
             rport: Some(event.rport),
             lport: Some(event.lport),
@@ -756,7 +759,7 @@ impl Diagnoser {
                 self.occurrences.push(Occurrence {
                     kind: FindingKind::CloseWaitLeak,
                     pid: entry.pid,
-                    comm: entry.comm.clone(),
+                    comm: entry.comm,
                     remote: Some((entry.raddr, entry.rport)),
                     lport: None,
                     amount: 1.0,
@@ -780,7 +783,7 @@ impl Diagnoser {
             let oldest = entries.iter().map(|e| e.waiting).max().unwrap_or_default();
             let count = entries.len() as u64;
             let in_process = per_process[&key.pid];
-            let comm = entries[0].comm.clone();
+            let comm = entries[0].comm;
             let severity = if count >= 10 {
                 Severity::Error
             } else {
@@ -792,7 +795,7 @@ impl Diagnoser {
                 kind: FindingKind::CloseWaitLeak,
                 severity,
                 pid: key.pid,
-                comm: comm.clone(),
+                comm,
                 raddr: Some(key.raddr),
                 rport: Some(key.rport),
                 lport: None,
@@ -921,7 +924,7 @@ fn mismatch_finding(
         kind: FindingKind::IdleTimeoutMismatch,
         severity: mismatch_severity(stats),
         pid: key.pid,
-        comm: stats.comm.clone(),
+        comm: stats.comm,
         raddr: Some(key.raddr),
         rport: Some(key.rport),
         lport: None,

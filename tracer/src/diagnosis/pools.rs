@@ -18,6 +18,7 @@ use super::{
     finding::{Finding, FindingKind, Materiality, Severity},
     human_ms,
 };
+use crate::comm::Comm;
 
 /// Samples kept per pool: enough for the longest window a rule looks at.
 const HISTORY: usize = 30;
@@ -45,7 +46,7 @@ pub enum PoolRef {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListenerSample {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub lport: u16,
     pub depth: u32,
     pub limit: u32,
@@ -143,7 +144,7 @@ impl Diagnoser {
             let saturation = saturation(&self.config, &key, stats, now);
             let churn = churn(&self.config, &key, stats, now, around);
             if saturation.is_some() {
-                let comm = stats.comm.clone();
+                let comm = stats.comm;
                 self.occurrences.push(Occurrence {
                     kind: FindingKind::PoolSaturation,
                     pid: key.pid,
@@ -193,7 +194,7 @@ impl Diagnoser {
                 self.occurrences.push(Occurrence {
                     kind: FindingKind::AcceptQueueOverflow,
                     pid: sample.pid,
-                    comm: sample.comm.clone(),
+                    comm: sample.comm,
                     remote: None,
                     lport: Some(sample.lport),
                     amount: sample.netns_drops as f64,
@@ -218,7 +219,7 @@ impl Diagnoser {
     pub(super) fn address_not_available(
         &mut self,
         key: DestinationKey,
-        comm: &str,
+        comm: Comm,
         now: SystemTime,
     ) -> Option<Finding> {
         let stats = self
@@ -235,7 +236,7 @@ impl Diagnoser {
             kind: FindingKind::PortExhaustion,
             severity: Severity::Error,
             pid: key.pid,
-            comm: comm.to_string(),
+            comm,
             raddr: Some(key.raddr),
             rport: Some(key.rport),
             lport: None,
@@ -408,7 +409,7 @@ fn saturation(
         kind: FindingKind::PoolSaturation,
         severity: Severity::Warning,
         pid: key.pid,
-        comm: stats.comm.clone(),
+        comm: stats.comm,
         raddr: Some(key.raddr),
         rport: Some(key.rport),
         lport: None,
@@ -485,7 +486,7 @@ fn churn(
         kind: FindingKind::ConnectionChurn,
         severity: Severity::Warning,
         pid: key.pid,
-        comm: stats.comm.clone(),
+        comm: stats.comm,
         raddr: Some(key.raddr),
         rport: Some(key.rport),
         lport: None,
@@ -555,7 +556,7 @@ fn overflow(
             Severity::Warning
         },
         pid: key.pid,
-        comm: stats.comm.clone(),
+        comm: stats.comm,
         raddr: None,
         rport: None,
         lport: Some(key.lport),
@@ -619,7 +620,7 @@ fn worker_starvation(
         kind: FindingKind::KeepaliveWorkerStarvation,
         severity: Severity::Error,
         pid: key.pid,
-        comm: stats.comm.clone(),
+        comm: stats.comm,
         raddr: None,
         rport: None,
         lport: Some(key.lport),

@@ -14,7 +14,7 @@ use super::{
     pools::PoolSample,
     samples::Summary,
 };
-use crate::event::Role;
+use crate::{comm::Comm, event::Role};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -25,7 +25,7 @@ pub struct Report {
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessReport {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub destinations: Vec<Traffic>,
     pub listeners: Vec<Traffic>,
     pub findings: Vec<Finding>,
@@ -135,19 +135,19 @@ impl Diagnoser {
             let mut traffic = Traffic::new(stats, jiffy, window);
             traffic.raddr = Some(key.raddr);
             traffic.rport = Some(key.rport);
-            process(&mut processes, key.pid, &stats.comm)
+            process(&mut processes, key.pid, stats.comm)
                 .destinations
                 .push(traffic);
         }
         for (key, stats) in self.listeners() {
             let mut traffic = Traffic::new(stats, jiffy, window);
             traffic.lport = Some(key.lport);
-            process(&mut processes, key.pid, &stats.comm)
+            process(&mut processes, key.pid, stats.comm)
                 .listeners
                 .push(traffic);
         }
         for finding in self.findings() {
-            process(&mut processes, finding.pid, &finding.comm)
+            process(&mut processes, finding.pid, finding.comm)
                 .findings
                 .push(finding);
         }
@@ -177,20 +177,20 @@ impl Diagnoser {
 }
 
 /// The report entry of process `pid`, created on first use.
-fn process<'a>(
-    processes: &'a mut BTreeMap<u32, ProcessReport>,
+fn process(
+    processes: &mut BTreeMap<u32, ProcessReport>,
     pid: u32,
-    comm: &str,
-) -> &'a mut ProcessReport {
+    comm: Comm,
+) -> &mut ProcessReport {
     let entry = processes.entry(pid).or_insert_with(|| ProcessReport {
         pid,
-        comm: String::new(),
+        comm: Comm::default(),
         destinations: Vec::new(),
         listeners: Vec::new(),
         findings: Vec::new(),
     });
     if entry.comm.is_empty() {
-        entry.comm = comm.to_string();
+        entry.comm = comm;
     }
     entry
 }

@@ -12,7 +12,7 @@ use std::{
 use foldhash::fast::RandomState;
 use lru::LruCache;
 
-use crate::{containers::Containers, diagnosis::endpoint};
+use crate::{comm::Comm, containers::Containers, diagnosis::endpoint};
 
 /// A label value decided once and shared by every series and event that
 /// carries it: handing it out is a reference count, not an allocation and a
@@ -36,17 +36,6 @@ pub struct ProcessLabels {
 }
 
 pub const OTHER: &str = "other";
-
-/// A command name as the kernel keeps it (at most 15 bytes): a key that needs
-/// no allocation.
-pub(super) type Comm = [u8; 16];
-
-pub(super) fn comm_key(comm: &str) -> Comm {
-    let mut key = [0; 16];
-    let len = comm.len().min(key.len());
-    key[..len].copy_from_slice(&comm.as_bytes()[..len]);
-    key
-}
 
 #[derive(Default)]
 struct Allowance {
@@ -86,7 +75,7 @@ impl Budget {
     /// The labels of process `pid` named `comm`, or `other` once the budget of
     /// processes is spent.
     pub fn process(&mut self, pid: u32, comm: &str) -> ProcessLabels {
-        let key = (pid, comm_key(comm));
+        let key = (pid, Comm::from(comm));
         if let Some(labels) = self.process_decisions.get(&key) {
             return labels.clone();
         }
@@ -133,7 +122,7 @@ impl Budget {
         port: u16,
     ) -> (ProcessLabels, Label) {
         let process = self.process(pid, comm);
-        let key = (pid, comm_key(comm), addr, port);
+        let key = (pid, Comm::from(comm), addr, port);
         if let Some(remote) = self.remote_decisions.get(&key) {
             return (process, remote.clone());
         }
@@ -154,7 +143,7 @@ impl Budget {
     /// is `other` once the process's budget of ports is spent.
     pub fn port(&mut self, pid: u32, comm: &str, port: u16) -> (ProcessLabels, Label) {
         let process = self.process(pid, comm);
-        let key = (pid, comm_key(comm), port);
+        let key = (pid, Comm::from(comm), port);
         if let Some(label) = self.port_decisions.get(&key) {
             return (process, label.clone());
         }

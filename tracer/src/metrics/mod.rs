@@ -734,7 +734,7 @@ impl Metrics {
             let comm = diagnoser
                 .destinations()
                 .find(|(k, _)| *k == key)
-                .map(|(_, stats)| stats.comm.clone())
+                .map(|(_, stats)| stats.comm)
                 .unwrap_or_default();
             self.pool_requests
                 .get_or_create(&self.remote_labels(key.pid, &comm, key.raddr, key.rport))

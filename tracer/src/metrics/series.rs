@@ -16,11 +16,9 @@ use foldhash::fast::RandomState;
 use lru::LruCache;
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
-use super::{
-    ConnLabels, Metrics,
-    budget::{Comm, comm_key},
-};
+use super::{ConnLabels, Metrics};
 use crate::{
+    comm::Comm,
     diagnosis::estimate::GRACEFUL_MS,
     event::{ClosedBy, Detail, Direction, Event, Role},
 };
@@ -48,7 +46,7 @@ impl SeriesKey {
         };
         Self {
             pid: event.pid,
-            comm: comm_key(&event.comm),
+            comm: event.comm,
             role: event.role,
             addr,
             port,
