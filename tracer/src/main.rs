@@ -1,4 +1,3 @@
-mod allocator;
 mod cli;
 mod commands;
 
@@ -12,7 +11,7 @@ use crate::{
 };
 
 fn main() -> ExitCode {
-    allocator::pin_mmap_threshold();
+    pin_malloc_mmap_threshold();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
@@ -59,5 +58,22 @@ fn main() -> ExitCode {
             eprintln!("tracer: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps glibc's mmap threshold at its default of 128 KiB for the whole run.
+/// Left dynamic, glibc raises it to the size of the largest mmap'd block freed,
+/// and parsing the kernel's BTF at start frees a 13 MiB one; from then on every
+/// block up to that size comes from the brk heap. Measured under steady churn
+/// (`wrk -H "Connection: close"`, 8k connections/s), the memory in use stayed
+/// flat (heaptrack) while RSS grew by about 1 MiB per million connections for
+/// as long as the agent ran. Pinned, the heap starts some 4 MiB larger and then
+/// stays within 20 KiB over 1.4 million connections.
+fn pin_malloc_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes an allocator parameter; glibc allows it at
+    // any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }

@@ -15,10 +15,7 @@ use tracer::{
     session::Stats,
 };
 
-use crate::{
-    allocator,
-    cli::{DiagnosisArgs, FilterArgs, KernelArgs},
-};
+use crate::cli::{DiagnosisArgs, FilterArgs, KernelArgs};
 
 /// What to write while running.
 pub struct Show {
@@ -71,7 +68,6 @@ pub async fn run_pipeline(
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
-    let mut release = tokio::time::interval(allocator::RELEASE_EVERY);
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     let mut writer = EventWriter::new(BufWriter::new(io::stdout().lock()), show.format);
@@ -97,7 +93,6 @@ pub async fn run_pipeline(
                     lost_reported = lost;
                 }
             }
-            _ = release.tick() => allocator::release_free_pages(),
             _ = &mut deadline => break Ok(()),
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
