@@ -74,8 +74,8 @@ impl Budget {
 
     /// The labels of process `pid` named `comm`, or `other` once the budget of
     /// processes is spent.
-    pub fn process(&mut self, pid: u32, comm: &str) -> ProcessLabels {
-        let key = (pid, Comm::from(comm));
+    pub fn process(&mut self, pid: u32, comm: Comm) -> ProcessLabels {
+        let key = (pid, comm);
         if let Some(labels) = self.process_decisions.get(&key) {
             return labels.clone();
         }
@@ -84,7 +84,7 @@ impl Budget {
         labels
     }
 
-    fn decide_process(&mut self, pid: u32, comm: &str) -> ProcessLabels {
+    fn decide_process(&mut self, pid: u32, comm: Comm) -> ProcessLabels {
         let container = if pid == 0 {
             Default::default()
         } else {
@@ -94,7 +94,7 @@ impl Budget {
             comm: if comm.is_empty() {
                 "unknown".into()
             } else {
-                comm.into()
+                comm.as_str().into()
             },
             container: container.container.into(),
             pod_uid: container.pod_uid.into(),
@@ -117,12 +117,12 @@ impl Budget {
     pub fn remote(
         &mut self,
         pid: u32,
-        comm: &str,
+        comm: Comm,
         addr: IpAddr,
         port: u16,
     ) -> (ProcessLabels, Label) {
         let process = self.process(pid, comm);
-        let key = (pid, Comm::from(comm), addr, port);
+        let key = (pid, comm, addr, port);
         if let Some(remote) = self.remote_decisions.get(&key) {
             return (process, remote.clone());
         }
@@ -141,9 +141,9 @@ impl Budget {
 
     /// The labels of process `pid` named `comm` and of its listening port, which
     /// is `other` once the process's budget of ports is spent.
-    pub fn port(&mut self, pid: u32, comm: &str, port: u16) -> (ProcessLabels, Label) {
+    pub fn port(&mut self, pid: u32, comm: Comm, port: u16) -> (ProcessLabels, Label) {
         let process = self.process(pid, comm);
-        let key = (pid, Comm::from(comm), port);
+        let key = (pid, comm, port);
         if let Some(label) = self.port_decisions.get(&key) {
             return (process, label.clone());
         }
@@ -171,37 +171,37 @@ mod tests {
     #[test]
     fn destinations_beyond_the_budget_are_other() {
         let mut budget = Budget::new(10, 2);
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
-        assert_eq!(budget.remote(0, "curl", B, 1).1, "10.0.0.2:1".into());
-        assert_eq!(budget.remote(0, "curl", C, 1).1, OTHER.into());
+        assert_eq!(budget.remote(0, "curl".into(), A, 1).1, "10.0.0.1:1".into());
+        assert_eq!(budget.remote(0, "curl".into(), B, 1).1, "10.0.0.2:1".into());
+        assert_eq!(budget.remote(0, "curl".into(), C, 1).1, OTHER.into());
         // Known ones keep their series, also when asked by another pid of the
         // same process labels.
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
-        assert_eq!(budget.remote(0, "curl", A, 1).0.comm, "curl".into());
-        assert_eq!(budget.port(0, "curl", 80).1, "80".into());
-        assert_eq!(budget.port(0, "curl", 443).1, "443".into());
-        assert_eq!(budget.port(0, "curl", 8080).1, OTHER.into());
+        assert_eq!(budget.remote(0, "curl".into(), A, 1).1, "10.0.0.1:1".into());
+        assert_eq!(budget.remote(0, "curl".into(), A, 1).0.comm, "curl".into());
+        assert_eq!(budget.port(0, "curl".into(), 80).1, "80".into());
+        assert_eq!(budget.port(0, "curl".into(), 443).1, "443".into());
+        assert_eq!(budget.port(0, "curl".into(), 8080).1, OTHER.into());
     }
 
     #[test]
     fn decisions_outlive_their_cache() {
         let mut budget = Budget::new(10, 1);
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
+        assert_eq!(budget.remote(0, "curl".into(), A, 1).1, "10.0.0.1:1".into());
         // Push the decision out of the cache: it is made again, the same way.
         for port in 0..=CACHED_DECISIONS.get() as u16 {
-            budget.remote(0, "curl", B, port);
+            budget.remote(0, "curl".into(), B, port);
         }
-        assert_eq!(budget.remote(0, "curl", A, 1).1, "10.0.0.1:1".into());
-        assert_eq!(budget.remote(0, "curl", B, 1).1, OTHER.into());
+        assert_eq!(budget.remote(0, "curl".into(), A, 1).1, "10.0.0.1:1".into());
+        assert_eq!(budget.remote(0, "curl".into(), B, 1).1, OTHER.into());
     }
 
     #[test]
     fn processes_beyond_the_budget_are_other() {
         let mut budget = Budget::new(2, 5);
-        assert_eq!(budget.process(0, "a").comm, "a".into());
-        assert_eq!(budget.process(0, "b").comm, "b".into());
-        assert_eq!(budget.process(0, "c").comm, OTHER.into());
-        assert_eq!(budget.process(0, "a").comm, "a".into());
-        assert_eq!(budget.process(0, "").comm, OTHER.into());
+        assert_eq!(budget.process(0, "a".into()).comm, "a".into());
+        assert_eq!(budget.process(0, "b".into()).comm, "b".into());
+        assert_eq!(budget.process(0, "c".into()).comm, OTHER.into());
+        assert_eq!(budget.process(0, "a".into()).comm, "a".into());
+        assert_eq!(budget.process(0, "".into()).comm, OTHER.into());
     }
 }

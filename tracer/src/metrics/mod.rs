@@ -32,6 +32,7 @@ use prometheus_client::{
 
 use self::budget::{Budget, Label, no_label};
 use crate::{
+    comm::Comm,
     diagnosis::{
         CloseWaitEntry, Diagnoser, Occurrence,
         finding::{Finding, FindingKind},
@@ -475,7 +476,7 @@ impl Metrics {
         self.labels.lock().expect("metrics labels")
     }
 
-    fn remote_labels(&self, pid: u32, comm: &str, addr: IpAddr, port: u16) -> RemoteLabels {
+    fn remote_labels(&self, pid: u32, comm: Comm, addr: IpAddr, port: u16) -> RemoteLabels {
         let (process, remote) = self.budget().remote(pid, comm, addr, port);
         RemoteLabels {
             comm: process.comm,
@@ -485,7 +486,7 @@ impl Metrics {
         }
     }
 
-    fn port_labels(&self, pid: u32, comm: &str, lport: u16) -> PortLabels {
+    fn port_labels(&self, pid: u32, comm: Comm, lport: u16) -> PortLabels {
         let (process, port) = self.budget().port(pid, comm, lport);
         PortLabels {
             comm: process.comm,
@@ -501,12 +502,12 @@ impl Metrics {
         let mut budget = self.budget();
         let (process, remote, port) = match event.role {
             Role::Server => {
-                let (process, port) = budget.port(event.pid, &event.comm, event.lport);
+                let (process, port) = budget.port(event.pid, event.comm, event.lport);
                 (process, no_label(), port)
             }
             _ => {
                 let (process, remote) =
-                    budget.remote(event.pid, &event.comm, event.raddr, event.rport);
+                    budget.remote(event.pid, event.comm, event.raddr, event.rport);
                 (process, remote, no_label())
             }
         };
@@ -533,7 +534,7 @@ impl Metrics {
                     self.retransmits_after_idle
                         .get_or_create(&self.remote_labels(
                             event.pid,
-                            &event.comm,
+                            event.comm,
                             event.raddr,
                             event.rport,
                         ))
@@ -541,7 +542,7 @@ impl Metrics {
                 }
             }
             Detail::ConnectError(error) => {
-                let remote = self.remote_labels(event.pid, &event.comm, event.raddr, event.rport);
+                let remote = self.remote_labels(event.pid, event.comm, event.raddr, event.rport);
                 let labels = ErrnoLabels {
                     comm: remote.comm,
                     container_id: remote.container_id,
@@ -556,7 +557,7 @@ impl Metrics {
     }
 
     pub fn observe_finding(&self, finding: &Finding) {
-        let process = self.budget().process(finding.pid, &finding.comm);
+        let process = self.budget().process(finding.pid, finding.comm);
         let labels = FindingLabels {
             comm: process.comm,
             container_id: process.container,
@@ -570,9 +571,9 @@ impl Metrics {
     pub fn observe_occurrence(&self, occurrence: &Occurrence) {
         let remote = |o: &Occurrence| {
             o.remote
-                .map(|(addr, port)| self.remote_labels(o.pid, &o.comm, addr, port))
+                .map(|(addr, port)| self.remote_labels(o.pid, o.comm, addr, port))
         };
-        let port = |o: &Occurrence| o.lport.map(|port| self.port_labels(o.pid, &o.comm, port));
+        let port = |o: &Occurrence| o.lport.map(|port| self.port_labels(o.pid, o.comm, port));
         let amount = occurrence.amount;
         match occurrence.kind {
             FindingKind::StaleReuse => {
@@ -635,7 +636,7 @@ impl Metrics {
         let jiffy = diagnoser.config().jiffy;
         let mut seen = GaugeSets::default();
         for (key, stats) in diagnoser.destinations() {
-            let labels = self.remote_labels(key.pid, &stats.comm, key.raddr, key.rport);
+            let labels = self.remote_labels(key.pid, stats.comm, key.raddr, key.rport);
             if let Some(estimate) = stats.peer_idle_timeout(jiffy) {
                 self.peer_idle_timeout
                     .get_or_create(&labels)
@@ -671,7 +672,7 @@ impl Metrics {
             }
         }
         for (key, stats) in diagnoser.listeners() {
-            let labels = self.port_labels(key.pid, &stats.comm, key.lport);
+            let labels = self.port_labels(key.pid, stats.comm, key.lport);
             if let Some(sample) = stats.listener.samples.back() {
                 self.listen_depth
                     .get_or_create(&labels)
@@ -697,7 +698,7 @@ impl Metrics {
             }
         }
         for entry in close_waits {
-            let labels = self.remote_labels(entry.pid, &entry.comm, entry.raddr, entry.rport);
+            let labels = self.remote_labels(entry.pid, entry.comm, entry.raddr, entry.rport);
             let gauge = self.close_wait_connections.get_or_create(&labels);
             if seen.close_wait.insert(labels.clone()) {
                 gauge.set(0);
@@ -737,7 +738,7 @@ impl Metrics {
                 .map(|(_, stats)| stats.comm)
                 .unwrap_or_default();
             self.pool_requests
-                .get_or_create(&self.remote_labels(key.pid, &comm, key.raddr, key.rport))
+                .get_or_create(&self.remote_labels(key.pid, comm, key.raddr, key.rport))
                 .inc_by(delta);
         }
         // Pools the kernel forgot (LRU) are forgotten here too.
