@@ -231,6 +231,15 @@ impl NaivePool {
     pub fn idle_connections(&self) -> usize {
         self.idle.len()
     }
+
+    /// Waits until the server has closed every idle connection (see
+    /// [`crate::wait_for_peer_close`]), up to `timeout` each: the pool itself
+    /// never looks.
+    pub fn wait_for_server_to_close_idle(&self, timeout: Duration) {
+        for (connection, _) in &self.idle {
+            crate::wait_for_peer_close(connection.stream(), timeout);
+        }
+    }
 }
 
 /// How often a connection thread looks at the shutdown flag while it waits for

@@ -9,7 +9,8 @@ pub mod nginx;
 pub mod router;
 
 use std::{
-    net::IpAddr,
+    io::ErrorKind,
+    net::{IpAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -210,6 +211,41 @@ impl Trace {
         let mut dump = events.chain(findings).collect::<Vec<_>>();
         dump.push(self.report_text());
         dump.join("\n")
+    }
+}
+
+/// Waits until the peer has closed `stream` (its FIN, or a reset, has
+/// arrived), up to `timeout`; panics if it has not by then, or if data comes
+/// instead. A test that sends on a connection the peer closed must wait for the
+/// close itself: how soon it comes after the peer's timer fires depends on the
+/// machine.
+pub fn wait_for_peer_close(stream: &TcpStream, timeout: Duration) {
+    let before = stream.read_timeout().expect("SO_RCVTIMEO");
+    let deadline = Instant::now() + timeout;
+    let outcome = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(format!("the peer has not closed after {timeout:?}"));
+        }
+        stream.set_read_timeout(Some(left)).expect("SO_RCVTIMEO");
+        // A blocking peek returns as soon as the FIN arrives (0 bytes), and
+        // leaves any data where a later read expects it.
+        match stream.peek(&mut [0; 1]) {
+            Ok(0) => break Ok(()),
+            Ok(_) => break Err("the peer sent data instead of closing".to_owned()),
+            Err(e) => match e.kind() {
+                ErrorKind::ConnectionReset => break Ok(()),
+                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted => {}
+                _ => break Err(format!("waiting for the peer to close: {e}")),
+            },
+        }
+    };
+    stream.set_read_timeout(before).expect("SO_RCVTIMEO");
+    if let Err(why) = outcome {
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        panic!("{why} (connection to {peer})");
     }
 }
 

@@ -13,6 +13,7 @@ use std::{
 use integration_tests::{
     http::{Backend, HttpConnection, NaivePool},
     nginx::Nginx,
+    wait_for_peer_close,
 };
 
 const KEEPALIVE_1S: &str = r#"
@@ -22,8 +23,14 @@ const KEEPALIVE_1S: &str = r#"
         location / { return 200 "ok\n"; }
     }"#;
 
-/// Longer than the 1 s keep-alive timeout, with room for scheduling.
+/// How long the clients stay idle: past nginx's 1 s keep-alive timeout, as the
+/// keep-alive tests' clients do. It is scenario time, no promise that nginx has
+/// closed by then on a slow machine: tests that need the close wait for it.
 const PAST_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The most a close that is due may take to arrive: generous, for emulated
+/// and loaded machines; a close that comes on time costs nothing.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How a request on a connection the server has closed fails.
 fn assert_closed(result: io::Result<impl std::fmt::Debug>, what: &str) {
@@ -55,6 +62,7 @@ fn nginx_closes_an_idle_keepalive_connection() {
     assert_eq!(ok_body(&nginx, connection.request("/")), b"ok\n");
     assert_eq!(ok_body(&nginx, connection.request("/again")), b"ok\n");
     thread::sleep(PAST_TIMEOUT);
+    wait_for_peer_close(connection.stream(), CLOSE_DEADLINE);
     assert_closed(
         connection.request("/"),
         "request after nginx's keepalive_timeout",
@@ -88,6 +96,7 @@ fn naive_pool_fails_when_it_reuses_a_connection_nginx_closed() {
     ok_body(&nginx, pool.request("/"));
     let first_port = pool.last_local_port();
     thread::sleep(PAST_TIMEOUT);
+    pool.wait_for_server_to_close_idle(CLOSE_DEADLINE);
     assert_closed(pool.request("/"), "naive pool reusing a stale connection");
     assert_eq!(pool.last_local_port(), first_port, "the pool reused it");
     assert_eq!(
@@ -106,6 +115,8 @@ fn pool_with_max_idle_below_the_server_timeout_reconnects() {
     let mut pool = NaivePool::new(nginx.addr(), Some(Duration::from_millis(500)));
     ok_body(&nginx, pool.request("/"));
     let first_port = pool.last_local_port();
+    // Idle longer than the pool's 500 ms: the pool drops the connection on its
+    // own clock, whether or not nginx has closed it yet.
     thread::sleep(PAST_TIMEOUT);
     ok_body(&nginx, pool.request("/"));
     assert_ne!(pool.last_local_port(), first_port);
@@ -171,12 +182,35 @@ fn backend_closes_a_connection_idle_for_its_timeout() {
         connection.request("/").expect("second request").body,
         Backend::body()
     );
-    thread::sleep(timeout + Duration::from_millis(300));
+    // Idle for the whole timeout, then the backend's close, however late.
+    thread::sleep(timeout);
+    wait_for_peer_close(connection.stream(), CLOSE_DEADLINE);
     assert_closed(
         connection.request("/"),
         "request after the backend's timeout",
     );
     assert_eq!(backend.requests_served(), 2);
+}
+
+/// The wait the tests above use: it returns once the close has arrived, fails
+/// when none comes in time, and leaves the socket's read timeout as it was.
+#[test]
+fn wait_for_peer_close_returns_at_the_close_and_fails_without_one() {
+    let closing = Backend::start_local(Duration::from_millis(300));
+    let connection = HttpConnection::connect(closing.addr()).expect("connect");
+    let read_timeout = connection.stream().read_timeout().unwrap();
+    wait_for_peer_close(connection.stream(), CLOSE_DEADLINE);
+    assert_eq!(connection.stream().read_timeout().unwrap(), read_timeout);
+
+    let keeping = Backend::start_local(Duration::from_secs(60));
+    let connection = HttpConnection::connect(keeping.addr()).expect("connect");
+    let panic = std::panic::catch_unwind(|| {
+        wait_for_peer_close(connection.stream(), Duration::from_millis(200));
+    })
+    .expect_err("the backend keeps the connection 60 s");
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("has not closed"), "{message}");
+    assert_eq!(connection.stream().read_timeout().unwrap(), read_timeout);
 }
 
 #[test]
