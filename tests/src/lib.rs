@@ -214,6 +214,29 @@ impl Trace {
     }
 }
 
+/// Calls `check` every `interval` until it returns `Ok`, and returns that
+/// value; panics once `timeout` has passed, naming `what` and the last `Err`
+/// (the state it was still in). For conditions there is no event to block on,
+/// such as what a scrape or another process reports.
+pub fn poll_until<T>(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(state) => assert!(
+                Instant::now() < deadline,
+                "{what}: still {state} after {timeout:?}"
+            ),
+        }
+        std::thread::sleep(interval);
+    }
+}
+
 /// Waits until the peer has closed `stream` (its FIN, or a reset, has
 /// arrived), up to `timeout`; panics if it has not by then, or if data comes
 /// instead. A test that sends on a connection the peer closed must wait for the

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Peer, require_root, router::in_netns, tracer_bin};
+use integration_tests::{Peer, poll_until, require_root, router::in_netns, tracer_bin};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -69,6 +69,26 @@ impl Agent {
     /// GET `path` from the agent's endpoint.
     fn get(&self, path: &str, accept: Option<&str>) -> (String, String) {
         http_get(self.metrics, path, accept)
+    }
+
+    /// Scrapes `/metrics` until `counted` finds in it what the test's traffic
+    /// must have produced (its `Err` says what it found instead), and returns
+    /// that scrape: (headers, body). The agent reads events every 25 ms, but
+    /// how soon it gets to run is up to the machine.
+    fn scrape_until(
+        &self,
+        what: &str,
+        counted: impl Fn(&str) -> Result<(), String>,
+    ) -> (String, String) {
+        poll_until(
+            what,
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let (head, body) = self.get("/metrics", None);
+                counted(&body).map(|()| (head, body))
+            },
+        )
     }
 }
 
@@ -181,20 +201,15 @@ impl Prometheus {
 
     /// Waits until `query` returns `expected` (or a value `accept` likes).
     fn wait_for(&self, query: &str, accept: impl Fn(f64) -> bool) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(value) = self.query(query)
-                && accept(value)
-            {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{query} = {:?} after 30 s",
-                self.query(query)
-            );
-            thread::sleep(Duration::from_millis(500));
-        }
+        poll_until(
+            query,
+            Duration::from_secs(30),
+            Duration::from_millis(500),
+            || match self.query(query) {
+                Some(value) if accept(value) => Ok(value),
+                other => Err(format!("= {other:?}")),
+            },
+        )
     }
 }
 
@@ -224,6 +239,7 @@ fn serve_and_close_after_idle(listener: TcpListener, count: usize) {
             thread::spawn(move || {
                 stream.read_exact(&mut [0; 4]).unwrap();
                 stream.write_all(b"pong").unwrap();
+                // The idle time the agent is to infer as this server's timeout.
                 thread::sleep(Duration::from_secs(1));
             })
         })
@@ -317,9 +333,14 @@ fn promtool_finds_no_problem_in_the_exposition() {
     client.read_exact(&mut [0; 4]).unwrap();
     drop(client);
     server.join().unwrap();
-    thread::sleep(Duration::from_millis(1500));
 
-    let (head, text) = agent.get("/metrics", None);
+    let (head, text) = agent.scrape_until("the agent counting the connection", |text| {
+        if text.contains("tcptracer_connections_opened_total{") {
+            Ok(())
+        } else {
+            Err("no tcptracer_connections_opened_total sample".to_owned())
+        }
+    });
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     assert!(
         text.contains("tcptracer_connections_opened_total{"),
@@ -404,6 +425,7 @@ fn slow_clients_do_not_keep_a_scraper_waiting() {
                     if stream.write_all(&[byte]).is_err() {
                         break;
                     }
+                    // The slow client: one byte a second.
                     thread::sleep(Duration::from_secs(1));
                 }
                 // Cut off: nothing but the end of the connection comes back.
@@ -416,7 +438,8 @@ fn slow_clients_do_not_keep_a_scraper_waiting() {
             })
         })
         .collect();
-    // Scrapes while the slow heads trickle in, each on a fresh connection.
+    // Scrapes while the slow heads trickle in, each on a fresh connection, a
+    // second apart so they spread over the first bytes.
     for _ in 0..3 {
         thread::sleep(Duration::from_secs(1));
         let (head, body) = agent.get("/metrics", None);
@@ -479,8 +502,19 @@ fn five_thousand_destinations_stay_within_the_series_budget() {
         }
     });
     server.join().unwrap();
-    thread::sleep(Duration::from_secs(2));
-    let (_, text) = agent.get("/metrics", None);
+    fn opened_under_other(text: &str) -> Option<&str> {
+        text.lines().find(|l| {
+            l.starts_with("tcptracer_connections_opened_total{") && l.contains("remote=\"other\"")
+        })
+    }
+    let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
+    // Destinations beyond the budget add up under `other` as the agent reads
+    // the connections' events.
+    let counted = |text: &str| match opened_under_other(text) {
+        Some(line) if value(line).is_some_and(|n| n >= 4900.0) => Ok(()),
+        line => Err(format!("at {}", line.unwrap_or("no `other` sample"))),
+    };
+    let (_, text) = agent.scrape_until("the agent counting the connections", counted);
     let series = |name: &str| {
         text.lines()
             .filter(|line| line.starts_with(&format!("{name}{{")))
@@ -494,12 +528,8 @@ fn five_thousand_destinations_stay_within_the_series_budget() {
     assert!(closed <= 2 * 22, "{closed} series");
     let total = text.lines().filter(|l| !l.starts_with('#')).count();
     assert!(total < 3000, "{total} samples in all");
-    let other = text
-        .lines()
-        .find(|l| {
-            l.starts_with("tcptracer_connections_opened_total{") && l.contains("remote=\"other\"")
-        })
-        .expect("destinations beyond the budget are counted under other");
-    let count: f64 = other.rsplit(' ').next().unwrap().parse().unwrap();
+    let other =
+        opened_under_other(&text).expect("destinations beyond the budget are counted under other");
+    let count = value(other).unwrap();
     assert!(count >= 4900.0, "{other}");
 }
