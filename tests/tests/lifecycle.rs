@@ -96,6 +96,7 @@ fn client_closes_first_after_idle_with(state_hook: StateHook, expected_mode: Opt
     let client_port = client.local_addr().unwrap().port();
     client.write_all(&[2; 100]).unwrap();
     client.read_exact(&mut [0; 1000]).unwrap();
+    // The idle time both closes must report.
     thread::sleep(Duration::from_millis(300));
     drop(client);
     server.join().unwrap();
@@ -140,6 +141,7 @@ fn server_closes_first_and_client_waits() {
         let (mut stream, _) = listener.accept().unwrap();
         stream.read_exact(&mut [0; 10]).unwrap();
         stream.write_all(&[1; 20]).unwrap();
+        // The idle time both closes must report.
         thread::sleep(Duration::from_millis(200));
         drop(stream);
     });
@@ -149,6 +151,7 @@ fn server_closes_first_and_client_waits() {
     client.read_exact(&mut [0; 20]).unwrap();
     // read() returns 0 when the server's FIN arrives.
     assert_eq!(client.read(&mut [0; 1]).unwrap(), 0);
+    // The time in CLOSE_WAIT the client's close must report.
     thread::sleep(Duration::from_millis(150));
     drop(client);
     server.join().unwrap();
@@ -192,6 +195,7 @@ fn linger_zero_resets_both_sides() {
     let mut client = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
     let client_port = client.local_addr().unwrap().port();
     client.write_all(&[0; 5]).unwrap();
+    // The idle time the server's side must report when the reset comes.
     thread::sleep(Duration::from_millis(50));
     set_linger_zero(&client);
     drop(client);

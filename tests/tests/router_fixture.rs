@@ -134,6 +134,9 @@ fn forget_idle_flows_drops_a_flow_idle_longer_than_the_timeout() {
     path.forget_idle_flows(1);
     // This exchange refreshes the flow's entry with the 1 s timeout.
     echo(&mut stream, b"arms the timeout").expect("echo right after the call");
+    // Idle shorter than the 1 s timeout, then longer: conntrack checks an
+    // entry's deadline when the next packet comes, so the idle time alone
+    // decides.
     std::thread::sleep(Duration::from_millis(500));
     echo(&mut stream, b"short idle").expect("echo after 0.5 s idle (< 1 s timeout)");
     std::thread::sleep(Duration::from_millis(1500));
@@ -179,6 +182,7 @@ fn heal_lets_stalled_flows_through_again() {
     // path heals, before TCP_USER_TIMEOUT gives up on it.
     path.drop_forwarded(port);
     stream.write_all(b"stalled").unwrap();
+    // The stall itself: scenario time, well within TCP_USER_TIMEOUT.
     std::thread::sleep(Duration::from_millis(300));
     path.heal();
     let mut back = [0; 7];
@@ -191,6 +195,7 @@ fn heal_lets_stalled_flows_through_again() {
 
     path.forget_idle_flows(1);
     path.heal();
+    // Idle past the 1 s timeout that heal undid.
     std::thread::sleep(Duration::from_millis(1500));
     echo(&mut stream, b"idle, then healed").expect("echo after forget_idle_flows + heal");
 

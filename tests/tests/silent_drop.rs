@@ -31,6 +31,7 @@ fn router_forgetting_an_idle_flow_is_a_silent_drop() {
     path.forget_idle_flows(1);
     let mut stream = path.connect(port, USER_TIMEOUT);
     echo(&mut stream, b"request").expect("the path works while the flow is fresh");
+    // Idle past the router's 1 s: the idle time the finding must report.
     thread::sleep(Duration::from_millis(1500));
     let error = echo(&mut stream, b"request after idle").expect_err("dropped");
     assert_eq!(error.raw_os_error(), Some(nix::libc::ETIMEDOUT), "{error}");
@@ -68,6 +69,7 @@ fn router_resetting_an_idle_flow_is_a_reset_after_idle_not_a_silent_drop() {
     let mut trace = Trace::start(port_filter(port));
     let mut stream = path.connect(port, USER_TIMEOUT);
     echo(&mut stream, b"request").expect("the path works");
+    // The idle time the finding must report.
     thread::sleep(Duration::from_millis(1000));
     path.reset_forwarded(port);
     let error = echo(&mut stream, b"request after idle").expect_err("reset");
