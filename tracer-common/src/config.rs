@@ -28,10 +28,14 @@ pub struct Config {
     pub filter_pid: u32,
     pub filter_port: u16,
     pub _pad: u16,
-    /// Sends after at least this many jiffies of idleness produce a reuse event.
-    pub min_idle_jiffies: u32,
     /// `STATE_FROM_*`: which programs report state changes.
     pub state_source: u32,
+    /// Sends after at least this many nanoseconds of idleness produce a reuse
+    /// event.
+    pub min_idle_ns: u64,
+    /// Nanoseconds per jiffy (1e9 / CONFIG_HZ): turns the kernel's own idle
+    /// stamps into time.
+    pub jiffy_ns: u32,
     /// Events are written without waking the reader, which polls; a write that
     /// leaves at least this many bytes waiting wakes it.
     pub wakeup_bytes: u32,
@@ -115,7 +119,7 @@ pub struct TracepointOffsets {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 40);
+    assert!(size_of::<Config>() == 48);
     assert!(size_of::<KernelOffsets>() == 33 * 4);
     assert!(size_of::<TracepointOffsets>() == 48);
 };

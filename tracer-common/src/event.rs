@@ -199,8 +199,9 @@ pub const REUSE_PEER_CLOSED: u32 = 1 << 0;
 pub struct ReuseEvent {
     pub header: EventHeader,
     pub conn: Endpoints,
-    /// Jiffies since the last payload in either direction, before this send.
-    pub idle_jiffies: u32,
+    /// Nanoseconds the process had neither sent nor read on the connection
+    /// before this send (see `SockLocal::last_active_ns`).
+    pub idle_ns: u64,
     /// Bytes this send accepted.
     pub bytes: u32,
     /// TCP state right after the send (on loopback the peer's answer may already
@@ -208,6 +209,7 @@ pub struct ReuseEvent {
     pub state: u32,
     /// `REUSE_*` flags.
     pub flags: u32,
+    pub _pad: u32,
 }
 
 /// A segment was retransmitted.
@@ -245,7 +247,7 @@ const _: () = {
     assert!(size_of::<OpenEvent>() == 96);
     assert!(size_of::<CloseEvent>() == 136);
     assert!(size_of::<ResetEvent>() == 112);
-    assert!(size_of::<ReuseEvent>() == 96);
+    assert!(size_of::<ReuseEvent>() == 104);
     assert!(size_of::<RetransmitEvent>() == 96);
     assert!(size_of::<ConnectErrorEvent>() == 96);
 };

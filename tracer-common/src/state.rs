@@ -101,21 +101,22 @@ pub const LOCAL_RESPONDER: u32 = 1 << 3;
 /// `SockLocal::flags`: a request is in progress: for a client, sent and not yet
 /// answered; for a server, received and not yet answered.
 pub const LOCAL_BUSY: u32 = 1 << 4;
-/// `SockLocal::flags`: `last_send_jiffies` holds a send.
+/// `SockLocal::flags`: the process has sent on this socket.
 pub const LOCAL_SENT: u32 = 1 << 5;
 
 /// Socket-local storage of the send and receive hooks, freed with the socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SockLocal {
-    pub last_send_jiffies: u32,
+    /// When the process last sent or read on this socket (`bpf_ktime_get_ns`,
+    /// CLOCK_MONOTONIC); 0 before either was seen.
+    pub last_active_ns: u64,
     pub flags: u32,
     /// `write_seq` when the peer's FIN arrived: sends whose data was handed over
     /// after that went to a connection the peer had closed; a FIN processed
     /// during a send (on loopback the whole exchange can happen inside it) came
     /// after that send's data.
     pub fin_write_seq: u32,
-    pub _pad: u32,
     /// When the current request started (`LOCAL_BUSY`).
     pub busy_since_ns: u64,
     /// When the last request ended: for a client, when the response was read.

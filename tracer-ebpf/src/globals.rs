@@ -10,8 +10,9 @@ pub(crate) static CONFIG: Config = Config {
     filter_pid: 0,
     filter_port: 0,
     _pad: 0,
-    min_idle_jiffies: 0,
     state_source: 0,
+    min_idle_ns: 0,
+    jiffy_ns: 0,
     wakeup_bytes: 0,
     filter_comm: [0; 16],
 };

@@ -11,7 +11,7 @@ use tracer_common::{
 use crate::{
     emit::{current_owner, emit, header, now_ns},
     globals::config,
-    kernel::{Sock, jiffies32, since},
+    kernel::{Sock, since},
     local::storage,
     maps::{RECENTLY_CLOSED, SOCKS},
 };
@@ -36,38 +36,50 @@ pub fn peer_closed(sk: *mut c_void) {
     }
 }
 
+/// A read by the process: the connection is in use, whatever came in. Only
+/// sockets that ask (clients) are checked for reuse.
+#[inline(always)]
+pub fn on_receive(local: &mut SockLocal) {
+    if local.flags & LOCAL_RESPONDER == 0 {
+        local.last_active_ns = now_ns();
+    }
+}
+
 /// A send of `bytes` on a classified socket: report it when it reuses the
 /// connection after idleness, or when the peer had already closed it.
+///
+/// Idleness is timed on CLOCK_MONOTONIC from the process's own previous send or
+/// read: the clock pools and servers time their idle timeouts with. The
+/// kernel's TCP stamps count jiffies, which fall behind it while the CPU that
+/// advances them is starved (a loaded VM), so that a pool's 500 ms idle could
+/// measure under a 250 ms threshold; they are only used for a connection this
+/// program has not seen used yet.
 #[inline(never)]
 pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64> {
+    let now = now_ns();
+    let previous = local.last_active_ns;
+    local.last_active_ns = now;
     // Most sends, and all of a busy connection's: a server's reply, or a send
-    // within --min-idle of the previous one before any FIN from the peer, can
-    // be neither a reuse nor stale. No kernel reads for those.
-    let now = jiffies32();
+    // within --min-idle of the process's previous send or read before any FIN
+    // from the peer, can be neither a reuse nor stale. No kernel reads for those.
     if local.flags & LOCAL_SENT != 0
         && (local.flags & LOCAL_RESPONDER != 0
             || (local.flags & LOCAL_PEER_FIN == 0
-                && now.wrapping_sub(local.last_send_jiffies) < config!(min_idle_jiffies)))
+                && now.saturating_sub(previous) < config!(min_idle_ns)))
     {
-        local.last_send_jiffies = now;
         return Ok(());
     }
     // The connection's first payload is no reuse; neither is a server's reply,
     // whose wait is processing time.
     let first_payload =
         local.flags & LOCAL_SENT == 0 && sock.bytes_sent()?.saturating_sub(bytes as u64) == 0;
-    // Idle before this send: since the previous send or the last payload
-    // received, whichever is later.
-    let received = sock.last_receive_jiffies()?;
-    let last = if local.flags & LOCAL_SENT != 0
-        && (local.last_send_jiffies.wrapping_sub(received) as i32) > 0
-    {
-        local.last_send_jiffies
+    let idle_ns = if previous != 0 {
+        now.saturating_sub(previous)
     } else {
-        received
+        // Used before this program saw it: since payload last came in (the
+        // send stamp is this very send's).
+        since(sock.last_receive_jiffies()?) as u64 * config!(jiffy_ns) as u64
     };
-    let idle_jiffies = since(last);
-    local.last_send_jiffies = now;
     local.flags |= LOCAL_SENT;
 
     // A server answering after its client half-closed is not reusing anything.
@@ -77,9 +89,8 @@ pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64>
             .fin_write_seq
             .wrapping_sub(sock.write_seq()?.wrapping_sub(bytes)) as i32)
             <= 0;
-    let reuse = !first_payload
-        && local.flags & LOCAL_RESPONDER == 0
-        && idle_jiffies >= config!(min_idle_jiffies);
+    let reuse =
+        !first_payload && local.flags & LOCAL_RESPONDER == 0 && idle_ns >= config!(min_idle_ns);
     if !stale && !reuse {
         return Ok(());
     }
@@ -101,11 +112,10 @@ pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64>
     };
     let owner = current_owner(role);
     let tcp_state = sock.state()?;
-    let ts = now_ns();
     emit(&owner, &conn, |event: &mut ReuseEvent| {
-        event.header = header::<ReuseEvent>(EventKind::Reuse, ts, &owner);
+        event.header = header::<ReuseEvent>(EventKind::Reuse, now, &owner);
         event.conn = conn;
-        event.idle_jiffies = idle_jiffies;
+        event.idle_ns = idle_ns;
         event.bytes = bytes;
         event.state = tcp_state;
         event.flags = flags;

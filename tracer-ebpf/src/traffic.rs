@@ -42,6 +42,7 @@ pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
         return Ok(());
     };
     local::classify(sock, local, 0)?;
+    reuse::on_receive(local);
     exchange::on_receive(sock, local);
     Ok(())
 }
@@ -52,10 +53,9 @@ pub fn on_receive(sk: *mut c_void) -> Result<(), i64> {
 pub fn on_connect(sk: *mut c_void) {
     if let Some(local) = local::storage(sk, false) {
         *local = SockLocal {
-            last_send_jiffies: 0,
+            last_active_ns: 0,
             flags: 0,
             fin_write_seq: 0,
-            _pad: 0,
             busy_since_ns: 0,
             idle_since_ns: 0,
             pool: PoolKey::default(),

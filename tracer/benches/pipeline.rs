@@ -177,10 +177,11 @@ fn client_connection(n: u32, out: &mut Vec<Pending>) {
             &ReuseEvent {
                 header: header::<ReuseEvent>(EventKind::Reuse, pid, ROLE_CLIENT, name),
                 conn,
-                idle_jiffies: jiffies(400 + u64::from(r) * 150),
+                idle_ns: (400 + u64::from(r) * 150) * MS,
                 bytes: 180,
                 state: STATE_ESTABLISHED,
                 flags: 0,
+                _pad: 0,
             },
         ));
     }
@@ -215,10 +216,11 @@ fn client_connection(n: u32, out: &mut Vec<Pending>) {
                 &ReuseEvent {
                     header: header::<ReuseEvent>(EventKind::Reuse, pid, ROLE_CLIENT, name),
                     conn,
-                    idle_jiffies: jiffies(1_000),
+                    idle_ns: 1_000 * MS,
                     bytes: 180,
                     state: STATE_CLOSE_WAIT,
                     flags: REUSE_PEER_CLOSED,
+                    _pad: 0,
                 },
             ));
             out.push(pending(

@@ -87,7 +87,7 @@ impl Decoder {
             EventKind::Reuse => {
                 let e: raw::ReuseEvent = read_kind(bytes, kind)?;
                 let detail = Detail::Reuse(Reuse {
-                    idle_ms: millis(self.jiffies.to_duration(e.idle_jiffies)),
+                    idle_ms: millis(Duration::from_nanos(e.idle_ns)),
                     bytes: e.bytes,
                     state: state_name(e.state),
                     peer_closed: e.flags & REUSE_PEER_CLOSED != 0,
@@ -223,7 +223,10 @@ mod tests {
 
     use tracer_common::{
         COMM_LEN,
-        event::{CloseEvent, ConnectErrorEvent, Endpoints, OpenEvent, ROLE_CLIENT, ROLE_SERVER},
+        event::{
+            CloseEvent, ConnectErrorEvent, Endpoints, OpenEvent, REUSE_PEER_CLOSED, ROLE_CLIENT,
+            ROLE_SERVER, ReuseEvent,
+        },
     };
 
     use super::*;
@@ -298,6 +301,27 @@ mod tests {
         assert_eq!(close.close_wait_ms, None);
         assert_eq!(close.error, None);
         assert_eq!((close.bytes_sent, close.bytes_received), (10, 20));
+    }
+
+    #[test]
+    fn a_reuse_keeps_its_idle_time_to_the_millisecond() {
+        let raw = ReuseEvent {
+            header: header::<ReuseEvent>(EventKind::Reuse, ROLE_CLIENT),
+            conn: v4(40000, 80),
+            idle_ns: 1_500_999_000,
+            bytes: 30,
+            state: tracer_common::tcp::TCP_CLOSE_WAIT,
+            flags: REUSE_PEER_CLOSED,
+            _pad: 0,
+        };
+        let event = decoder().decode(&bytes_of(&raw)).unwrap();
+        let Detail::Reuse(reuse) = event.detail else {
+            panic!("not a reuse: {event:?}")
+        };
+        assert_eq!(reuse.idle_ms, 1500);
+        assert_eq!(reuse.bytes, 30);
+        assert_eq!(reuse.state, "CLOSE_WAIT");
+        assert!(reuse.peer_closed);
     }
 
     #[test]

@@ -204,7 +204,8 @@ pub fn load(options: &Options, jiffies: Jiffies) -> Result<Loaded, LoadError> {
         tp_offsets.send_reset_skbaddr = 0;
     }
     let mut config = options.filter.config();
-    config.min_idle_jiffies = jiffies.ceil_from(options.min_idle);
+    config.min_idle_ns = u64::try_from(options.min_idle.as_nanos()).unwrap_or(u64::MAX);
+    config.jiffy_ns = u32::try_from(jiffies.to_duration(1).as_nanos()).unwrap_or(u32::MAX);
     config.wakeup_bytes = options.ring_buffer_bytes / WAKEUP_FRACTION;
     if matches!(options.state_hook, StateHook::Fentry | StateHook::Kprobe) {
         config.state_source = STATE_FROM_FUNCTION;
