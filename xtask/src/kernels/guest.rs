@@ -107,9 +107,26 @@ fn virtiofsd() -> Option<&'static str> {
     VIRTIOFSD.iter().copied().find(|p| Path::new(p).is_file())
 }
 
+/// How a guest may cache a share.
+#[derive(Clone, Copy)]
+enum Caching {
+    /// Keep what was read: for the host's root, which nothing changes while a
+    /// guest runs (the binaries are built before). Without it every exec and
+    /// every library load goes back to the host under emulation: 0.5 s for
+    /// `/bin/true`, about half of a short test's time.
+    Always,
+    /// Nothing cached: for the results the host reads after the guest ends.
+    Never,
+}
+
 /// A virtiofsd for one shared directory; it serves one guest and exits when the
 /// guest goes away.
-fn start_virtiofsd(socket: &Path, shared: &Path, log: &Path) -> anyhow::Result<Child> {
+fn start_virtiofsd(
+    socket: &Path,
+    shared: &Path,
+    caching: Caching,
+    log: &Path,
+) -> anyhow::Result<Child> {
     let program = virtiofsd().context("virtiofsd not found")?;
     let mut cmd = root_command(program);
     if program.starts_with("/usr/libexec") {
@@ -117,13 +134,21 @@ fn start_virtiofsd(socket: &Path, shared: &Path, log: &Path) -> anyhow::Result<C
             .arg(socket)
             .arg("--shared-dir")
             .arg(shared)
-            .args(["--sandbox", "chroot", "--cache", "never"]);
+            .args(["--sandbox", "chroot", "--cache"])
+            .arg(match caching {
+                Caching::Always => "always",
+                Caching::Never => "never",
+            });
     } else {
         // The namespace sandbox cannot pivot_root into /.
         cmd.arg(format!("--socket-path={}", socket.display()))
             .arg("-o")
             .arg(format!("source={}", shared.display()))
-            .args(["-o", "cache=none", "-o", "sandbox=chroot"]);
+            .args(["-o", "sandbox=chroot", "-o"])
+            .arg(match caching {
+                Caching::Always => "cache=always",
+                Caching::Never => "cache=none",
+            });
     }
     let log = fs::File::create(log)?;
     cmd.stdin(Stdio::null())
@@ -350,8 +375,9 @@ fn run_script(binaries: &Binaries, series: &str, results: &Path, limits: &Limits
          \x20   timeout -k 10 $T \"$@\" > \"$log\" 2>&1\n\
          \x20   rc=$?\n\
          \x20   retried=\n\
-         \x20   # A failure runs once more: a pass then is reported flaky (emulation\n\
-         \x20   # timing), with the failed run's output kept.\n\
+         \x20   # A failure runs once more, to tell a test that fails by chance\n\
+         \x20   # (flaky: still a failure) from one that always fails; the failed\n\
+         \x20   # run's output is kept.\n\
          \x20   case $rc in 0|124|137) ;; *)\n\
          \x20       mv \"$log\" \"$R/logs/$suite--$name.first.log\"\n\
          \x20       echo \"@@KM retry $suite $name\"\n\
@@ -456,8 +482,8 @@ pub struct Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Ok,
-    /// Failed, then passed when run again: counted as passed, listed with the
-    /// failed run's output.
+    /// Failed, then passed when run again: a failure all the same (the test
+    /// depends on luck), listed with the failed run's output.
     Flaky,
     Ignored,
     Failed,
@@ -569,11 +595,13 @@ pub fn run(kernel: &Kernel, binaries: &Binaries, limits: &Limits) -> anyhow::Res
         start_virtiofsd(
             &root_socket,
             Path::new("/"),
+            Caching::Always,
             &kernel.dir.join("virtiofsd-root.log"),
         )?,
         start_virtiofsd(
             &results_socket,
             &results,
+            Caching::Never,
             &kernel.dir.join("virtiofsd-results.log"),
         )?,
     ];
@@ -588,13 +616,18 @@ pub fn run(kernel: &Kernel, binaries: &Binaries, limits: &Limits) -> anyhow::Res
         "stdio",
         "-no-reboot",
     ])
-    // KVM does not run standard guests on these machines. cx16 is off:
-    // QEMU 7.2's TCG corrupts SLUB's cmpxchg16b fast path on 6.12 guests
-    // (double faults and list corruption during boot); without it the
-    // kernel uses its software fallback.
+    // KVM does not run standard guests on these machines. One host thread
+    // runs both vCPUs in turn: a guest's tests keep about one vCPU busy, so
+    // it is as fast as a thread per vCPU, and the kernels then run side by
+    // side without competing for the host's CPUs. It also avoids a
+    // multi-threaded TCG hazard: a vCPU executing code another vCPU has just
+    // patched (seen as an int3 Oops in the syscall exit path while a test
+    // attached its programs). cx16 is off: QEMU 7.2's TCG corrupts SLUB's
+    // cmpxchg16b fast path on 6.12 guests (double faults and list corruption
+    // during boot); without it the kernel uses its software fallback.
     .args([
         "-accel",
-        "tcg",
+        "tcg,thread=single",
         "-cpu",
         "max,cx16=off",
         "-smp",
@@ -613,7 +646,11 @@ pub fn run(kernel: &Kernel, binaries: &Binaries, limits: &Limits) -> anyhow::Res
     .arg(&initrd)
     .args([
         "-append",
-        "console=ttyS0 panic=-1 oops=panic quiet mitigations=off",
+        // Under TCG every vCPU's TSC derives from the host's clock: it is
+        // synchronized and stable. Without this, a loaded host makes the
+        // boot-time check mark it unstable, and the kernel falls back to the
+        // HPET, each read of which is an emulated device access.
+        "console=ttyS0 panic=-1 oops=panic quiet mitigations=off tsc=reliable",
     ])
     .arg("-chardev")
     .arg(format!("socket,id=hostroot,path={}", root_socket.display()))
