@@ -216,6 +216,7 @@ fn pool_closing_first_is_fine() {
         thread::sleep(Duration::from_millis(505));
         pool.close_idle();
         assert_eq!(pool.idle_connections(), 0);
+        // Scenario time: the next request comes a little after the close.
         thread::sleep(Duration::from_millis(100));
     }
     let me = std::process::id();
