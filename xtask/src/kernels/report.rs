@@ -134,6 +134,20 @@ impl Counts {
     fn failures(&self) -> usize {
         self.flaky + self.failed + self.timeout + self.not_run
     }
+
+    /// The counts in the order of [`Counts::HEADINGS`].
+    fn columns(&self) -> [usize; 6] {
+        [
+            self.passed,
+            self.flaky,
+            self.failed,
+            self.timeout,
+            self.not_run,
+            self.unsupported,
+        ]
+    }
+
+    const HEADINGS: [&str; 6] = ["passed", "flaky", "failed", "timed out", "not run", "n/a"];
 }
 
 fn seconds(duration: Option<Duration>) -> String {
@@ -179,36 +193,29 @@ impl Matrix {
             self.memory_mib,
             self.test_timeout.as_secs()
         );
+        let counts_heading: String = Counts::HEADINGS
+            .iter()
+            .map(|heading| format!(" {heading:>9}"))
+            .collect();
         let _ = writeln!(
             out,
-            "{:<7} {:<28} {:<48} {:>6} {:>5} {:>6} {:>7} {:>7} {:>4} {:>6} {:>7}",
-            "series",
-            "kernel",
-            "mode (tracer probe)",
-            "passed",
-            "flaky",
-            "failed",
-            "timeout",
-            "not run",
-            "n/a",
-            "boot",
-            "tests"
+            "{:<7} {:<28} {:<48}{counts_heading} {:>6} {:>7}",
+            "series", "kernel", "mode (tracer probe)", "boot", "tests"
         );
         for result in &self.results {
             let probe = parse_probe(result.probe.as_deref());
             let counts = Counts::of(&result.tests);
+            let counts_cells: String = counts
+                .columns()
+                .iter()
+                .map(|count| format!(" {count:>9}"))
+                .collect();
             let _ = writeln!(
                 out,
-                "{:<7} {:<28} {:<48} {:>6} {:>5} {:>6} {:>7} {:>7} {:>4} {:>6} {:>7}",
+                "{:<7} {:<28} {:<48}{counts_cells} {:>6} {:>7}",
                 result.kernel.series,
                 result.kernel.release,
                 truncate(&probe.mode, 48),
-                counts.passed,
-                counts.flaky,
-                counts.failed,
-                counts.timeout,
-                counts.not_run,
-                counts.unsupported,
                 seconds(result.boot),
                 seconds(result.tests_time)
             );
@@ -340,29 +347,24 @@ impl Matrix {
         );
         let _ = writeln!(
             md,
-            "| series | kernel | package version | mode (`tracer probe`) | passed | flaky | \
-             failed | timed out | not run | n/a | boot | tests |"
-        );
-        let _ = writeln!(
-            md,
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| series | kernel | package version | mode (`tracer probe`) | {} | boot | tests |\n\
+             | --- | --- | --- | --- | {}---: | ---: |",
+            Counts::HEADINGS.join(" | "),
+            "---: | ".repeat(Counts::HEADINGS.len())
         );
         for result in &self.results {
             let probe = parse_probe(result.probe.as_deref());
-            let counts = Counts::of(&result.tests);
+            let counts = Counts::of(&result.tests)
+                .columns()
+                .map(|count| count.to_string())
+                .join(" | ");
             let _ = writeln!(
                 md,
-                "| {} | `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | `{}` | {} | {} | {counts} | {} | {} |",
                 result.kernel.series,
                 result.kernel.release,
                 result.kernel.version,
                 probe.mode,
-                counts.passed,
-                counts.flaky,
-                counts.failed,
-                counts.timeout,
-                counts.not_run,
-                counts.unsupported,
                 seconds(result.boot),
                 seconds(result.tests_time)
             );
