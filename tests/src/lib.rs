@@ -20,9 +20,9 @@ use std::{
 use tracer::{
     diagnosis::{self, Diagnoser, finding::Finding},
     event::{Close, Detail, Event},
-    loader::{AttachReport, Filter, Options, StateHook},
+    kernel::loader::{AttachReport, Filter, Options, StateHook},
+    kernel::session::Stats,
     pipeline::{Batch, Pipeline},
-    session::Stats,
 };
 
 /// The state hook `TRACER_STATE_HOOK` asks for: the kernel matrix runs suites

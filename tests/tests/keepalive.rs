@@ -18,7 +18,7 @@ use integration_tests::{
 use tracer::{
     diagnosis::{finding::Finding, human_ms, safe_below},
     event::{ClosedBy, Detail},
-    loader::{Filter, Options},
+    kernel::loader::{Filter, Options},
 };
 
 const PEER: &str = env!("CARGO_BIN_EXE_peer");

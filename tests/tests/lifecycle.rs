@@ -13,7 +13,7 @@ use std::{
 use integration_tests::*;
 use tracer::{
     event::{ClosedBy, ConnectError, Detail, Direction, Event, Role},
-    loader::{Filter, Options, StateHook},
+    kernel::loader::{Filter, Options, StateHook},
 };
 
 fn port_filter(port: u16) -> Filter {
@@ -69,7 +69,7 @@ fn client_closes_first_after_idle_with(state_hook: StateHook, expected_mode: Opt
             // 5.10 refuses typed pointer arithmetic and socket storage in
             // tracing programs; every kernel since 5.11 must take the BTF one.
             assert!(
-                tracer::loader::running_kernel() < Some((5, 11)),
+                tracer::kernel::loader::running_kernel() < Some((5, 11)),
                 "auto did not take tp_btf: {report:?}"
             );
             assert_eq!(report.state_mode, "tracepoint");

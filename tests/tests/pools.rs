@@ -20,7 +20,7 @@ use integration_tests::{Trace, router::in_netns};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, listen, socket,
 };
-use tracer::loader::Filter;
+use tracer::kernel::loader::Filter;
 
 const MESSAGE: usize = 16;
 

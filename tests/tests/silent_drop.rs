@@ -10,7 +10,7 @@ use integration_tests::{
     Trace,
     router::{RoutedPath, echo},
 };
-use tracer::loader::Filter;
+use tracer::kernel::loader::Filter;
 
 /// How long the client's kernel waits for an ACK before ETIMEDOUT.
 const USER_TIMEOUT: Duration = Duration::from_secs(3);

@@ -18,11 +18,11 @@ use std::{hint::black_box, num::NonZeroUsize, time::Duration};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tracer::{
-    clock::{Jiffies, WallClock},
-    decode::Decoder,
     diagnosis::{self, Diagnoser},
-    loader::AttachReport,
-    metrics::{Metrics, MetricsOptions},
+    kernel::clock::{Jiffies, WallClock},
+    kernel::decode::Decoder,
+    kernel::loader::AttachReport,
+    sinks::metrics::{Metrics, MetricsOptions},
 };
 use tracer_common::{
     COMM_LEN,
@@ -436,7 +436,7 @@ fn pipeline(c: &mut Criterion) {
     let text = String::from_utf8(
         agent
             .metrics
-            .render(tracer::metrics::MetricsFormat::PrometheusText),
+            .render(tracer::sinks::metrics::MetricsFormat::PrometheusText),
     )
     .expect("metrics are UTF-8");
     assert!(text.contains("tcptracer_connections_closed_total{"));

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use tracer::{loader::StateHook, output::Format};
+use tracer::{kernel::loader::StateHook, sinks::stream::Format};
 
 /// Watches every TCP connection from inside the kernel (eBPF) and reports, per
 /// process and remote endpoint, how connections open, idle and close.

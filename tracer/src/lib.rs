@@ -1,24 +1,22 @@
-//! The userspace side of the TCP connection tracer: loading the kernel programs,
-//! reading their events, and presenting them.
+//! The userspace side of the TCP connection tracer, in the order an event
+//! travels (ARCHITECTURE.md follows one through):
 //!
-//! Pipeline: [`loader`] resolves offsets ([`btf_offsets`], [`tracefs`]) and attaches
-//! the programs; [`session`] reads the ring buffer and [`decode`]s records into
-//! [`event::Event`]s; [`output`] writes them for people or tools.
+//! - [`kernel`]: what comes from the kernel: offsets resolved from BTF and
+//!   tracefs, the programs loaded and attached with the per-kernel fallbacks,
+//!   the ring buffer read and decoded into [`event::Event`]s, and the kernel's
+//!   tables read back;
+//! - [`host`]: what is read from the host beside it: /proc, network
+//!   namespaces, sock_diag, containers;
+//! - [`diagnosis`]: the rules that turn events and samples into findings;
+//! - [`pipeline`]: the loop that runs them together and hands out batches;
+//! - [`sinks`]: where batches go: the event stream and the Prometheus
+//!   metrics, which [`endpoint`] serves.
 
-pub mod btf_offsets;
-pub mod clock;
 pub mod comm;
-pub mod containers;
-pub mod decode;
 pub mod diagnosis;
 pub mod endpoint;
 pub mod event;
-pub mod listen_queue;
-pub mod loader;
-pub mod metrics;
-pub mod output;
-pub mod owners;
+pub mod host;
+pub mod kernel;
 pub mod pipeline;
-pub mod session;
-pub mod sock_diag;
-pub mod tracefs;
+pub mod sinks;

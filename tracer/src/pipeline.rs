@@ -17,10 +17,10 @@ use crate::{
         pools::{ListenerSample, PoolCounters, Surroundings},
     },
     event::Event,
-    listen_queue::{self, ListenCounters, ListenerQueue},
-    loader::Options,
-    owners,
-    session::{MAX_BATCH, Session, SessionError, Stats},
+    host::listen_queue::{self, ListenCounters, ListenerQueue},
+    host::owners,
+    kernel::loader::Options,
+    kernel::session::{MAX_BATCH, Session, SessionError, Stats},
 };
 
 /// How often connections in CLOSE_WAIT, pools and listeners are sampled.
@@ -241,7 +241,7 @@ impl Pipeline {
         for keys in by_netns.into_values() {
             let destinations = keys.iter().map(|key| (key.raddr, key.rport));
             let Ok(Ok(counts)) = listen_queue::in_netns_of(keys[0].pid, || {
-                crate::sock_diag::time_wait_towards(destinations)
+                crate::host::sock_diag::time_wait_towards(destinations)
             }) else {
                 continue;
             };

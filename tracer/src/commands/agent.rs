@@ -12,8 +12,8 @@ use std::{
 use anyhow::Context as _;
 use tracer::{
     endpoint::{self, EndpointConfig, MetricsFormat, MetricsSource},
-    metrics::{Metrics, MetricsOptions},
     pipeline::{Batch, Pipeline},
+    sinks::metrics::{Metrics, MetricsOptions},
 };
 
 use super::stream::{self, Show};

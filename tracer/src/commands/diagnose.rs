@@ -3,7 +3,7 @@
 use std::io::Write as _;
 
 use anyhow::Context as _;
-use tracer::output::Format;
+use tracer::sinks::stream::Format;
 
 use super::stream::{self, Show};
 use crate::cli::{DiagnoseArgs, KernelArgs};

@@ -5,7 +5,7 @@ pub mod stream;
 
 use tracer::{
     diagnosis,
-    loader::{Filter, Options},
+    kernel::loader::{Filter, Options},
 };
 
 use crate::cli::{DiagnosisArgs, FilterArgs, KernelArgs};

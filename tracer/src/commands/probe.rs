@@ -2,10 +2,10 @@
 
 use anyhow::Context as _;
 use tracer::{
-    btf_offsets::{KernelBtf, VMLINUX_BTF},
-    clock::Jiffies,
-    loader::{self, MIN_KERNEL},
-    tracefs::Tracefs,
+    kernel::btf_offsets::{KernelBtf, VMLINUX_BTF},
+    kernel::clock::Jiffies,
+    kernel::loader::{self, MIN_KERNEL},
+    kernel::tracefs::Tracefs,
 };
 
 use crate::cli::{FilterArgs, KernelArgs, ProbeArgs};

@@ -10,9 +10,9 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracer::{
-    output::{EventWriter, Format},
+    kernel::session::Stats,
     pipeline::{Batch, Pipeline},
-    session::Stats,
+    sinks::stream::{EventWriter, Format},
 };
 
 use crate::cli::{DiagnosisArgs, FilterArgs, KernelArgs};

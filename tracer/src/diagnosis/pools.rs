@@ -674,5 +674,7 @@ pub fn pool_address(family: u16, addr: &[u8; 16]) -> Option<IpAddr> {
         raddr: *addr,
         ..Default::default()
     };
-    crate::decode::addresses(&conn).ok().map(|(_, raddr)| raddr)
+    crate::kernel::decode::addresses(&conn)
+        .ok()
+        .map(|(_, raddr)| raddr)
 }

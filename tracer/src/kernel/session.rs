@@ -16,16 +16,16 @@ use tracer_common::{
 };
 
 use crate::{
-    clock::{ClockError, Jiffies, WallClock},
     comm::Comm,
-    decode::{self, Decoder},
     diagnosis::{
         self, CloseWaitEntry, DestinationKey,
         pools::{self, PoolCounters, PoolRef},
     },
     event::Event,
-    loader::{self, AttachReport, LoadError, Options},
-    owners::SocketOwners,
+    host::owners::SocketOwners,
+    kernel::clock::{ClockError, Jiffies, WallClock},
+    kernel::decode::{self, Decoder},
+    kernel::loader::{self, AttachReport, LoadError, Options},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
 //! TCP socket dumps from NETLINK_SOCK_DIAG, the interface `ss` uses: the
-//! request and receive loop behind [`listen_queue`](crate::listen_queue)'s
+//! request and receive loop behind [`listen_queue`](crate::host::listen_queue)'s
 //! listeners and the TIME_WAIT counts of destinations that churn.
 //!
 //! Not /proc/net/tcp, which formats every socket as text whatever its state and
@@ -7,7 +7,7 @@
 //! connection churn, `tcp_seq_start` took most of the agent's CPU). A dump is
 //! filtered by state in the kernel and resumes where the previous datagram
 //! stopped. Dumps cover the calling thread's network namespace: run them in a
-//! process's own with [`in_netns_of`](crate::listen_queue::in_netns_of).
+//! process's own with [`in_netns_of`](crate::host::listen_queue::in_netns_of).
 
 use std::{collections::HashMap, io, net::IpAddr};
 

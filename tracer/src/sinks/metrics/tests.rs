@@ -326,11 +326,11 @@ fn the_alert_rules_and_the_dashboard_query_only_exported_metrics() {
     for (file, text) in [
         (
             "alerts.yml",
-            include_str!("../../../deploy/prometheus/alerts.yml"),
+            include_str!("../../../../deploy/prometheus/alerts.yml"),
         ),
         (
             "dashboard.json",
-            include_str!("../../../deploy/grafana/dashboard.json"),
+            include_str!("../../../../deploy/grafana/dashboard.json"),
         ),
     ] {
         let queried = metric_names(text);

@@ -16,12 +16,12 @@ use tracer_common::{
 };
 
 use crate::{
-    clock::{Jiffies, WallClock},
     comm::Comm,
     event::{
         Close, ClosedBy, ConnectError, Detail, Direction, Event, Open, Reset, Retransmit, Reuse,
         Role,
     },
+    kernel::clock::{Jiffies, WallClock},
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use netlink_packet_sock_diag::{
 };
 use nix::sched::{CloneFlags, setns};
 
-use crate::sock_diag::{self, SockDiagError};
+use crate::host::sock_diag::{self, SockDiagError};
 
 /// One TCP listener and its accept queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,7 +186,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::sock_diag::testing::dumped;
+    use crate::host::sock_diag::testing::dumped;
 
     /// From /proc/net/netstat of a 6.18 kernel, cut after ListenDrops (the
     /// parser must not rely on the line's length).

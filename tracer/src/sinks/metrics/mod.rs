@@ -39,8 +39,8 @@ use crate::{
         pools::{PoolCounters, PoolRef},
     },
     event::{ClosedBy, Detail, Event, Role},
-    loader::AttachReport,
-    session::Stats,
+    kernel::loader::AttachReport,
+    kernel::session::Stats,
 };
 
 pub use format::MetricsFormat;

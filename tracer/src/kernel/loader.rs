@@ -14,9 +14,9 @@ use tracer_common::{
 };
 
 use crate::{
-    btf_offsets::{BtfError, KernelBtf, VMLINUX_BTF},
-    clock::Jiffies,
-    tracefs::{Tracefs, TracefsError},
+    kernel::btf_offsets::{BtfError, KernelBtf, VMLINUX_BTF},
+    kernel::clock::Jiffies,
+    kernel::tracefs::{Tracefs, TracefsError},
 };
 
 /// The kernel programs, built by build.rs.
@@ -114,7 +114,7 @@ impl Filter {
 
 /// The programs wake the reader when the ring buffer is this fraction full
 /// (1/8th: 1 MiB of the default 8 MiB, several thousand events); below that,
-/// the reader polls (see [`crate::session::POLL_INTERVAL`]).
+/// the reader polls (see [`crate::kernel::session::POLL_INTERVAL`]).
 pub const WAKEUP_FRACTION: u32 = 8;
 
 #[derive(Clone, Debug)]
