@@ -142,3 +142,18 @@ pub struct ConnectError {
 fn rfc3339_micros<S: Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_str(&humantime::format_rfc3339_micros(*ts))
 }
+
+/// A process and a remote endpoint it talks to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DestinationKey {
+    pub pid: u32,
+    pub raddr: IpAddr,
+    pub rport: u16,
+}
+
+/// A process and one of its listening ports.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub pid: u32,
+    pub lport: u16,
+}

@@ -1,71 +1,46 @@
-//! The agent's pipeline: kernel events through the diagnosis, plus the periodic
-//! scan of connections stuck in CLOSE_WAIT. Every command runs one.
+//! The agent's pipeline: kernel events, with their owners found in /proc where
+//! the kernel did not know them, through the diagnosis; and once a second the
+//! scan of what events do not show (connections stuck in CLOSE_WAIT, the
+//! pools' request counters, the listeners' accept queues). Every command runs
+//! one and hands its batches to its sinks.
 
-use std::{
-    collections::{HashMap, hash_map::Entry},
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::time::{Interval, MissedTickBehavior};
-use tracer_common::state::Owner;
 
 use crate::{
     comm::Comm,
-    diagnosis::{
-        self, CloseWaitEntry, Diagnoser, Occurrence,
-        finding::Finding,
-        pools::{ListenerSample, PoolCounters, Surroundings},
-    },
+    diagnosis::{self, Diagnoser, Occurrence, finding::Finding},
     event::Event,
-    host::listen_queue::{self, ListenCounters, ListenerQueue},
-    host::owners,
+    host::{
+        listeners::Listeners,
+        owners::{ConnKey, SocketOwners},
+        surroundings::{self, Surroundings},
+    },
     kernel::loader::Options,
     kernel::session::{MAX_BATCH, Session, SessionError, Stats},
+    kernel::tables::{CloseWaitEntry, PoolCounters},
 };
 
 /// How often connections in CLOSE_WAIT, pools and listeners are sampled.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The agent's network namespace, as the kernel numbers it (`ns.inum`, the
-/// inode of /proc/self/ns/net).
-fn own_netns() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata("/proc/self/ns/net")
-        .ok()
-        .map(|meta| meta.ino() as u32)
-}
-
-/// The size of `net.ipv4.ip_local_port_range` in the network namespace of `pid`.
-fn port_range_size(pid: u32) -> Option<u32> {
-    let text = listen_queue::in_netns_of(pid, || {
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()
-    })
-    .ok()??;
-    let mut bounds = text
-        .split_whitespace()
-        .filter_map(|v| v.parse::<u32>().ok());
-    let (low, high) = (bounds.next()?, bounds.next()?);
-    Some(high.saturating_sub(low) + 1)
-}
 
 pub struct Pipeline {
     session: Session,
     diagnoser: Diagnoser,
     scan: Interval,
     started: SystemTime,
-    /// ListenOverflows/ListenDrops per network namespace at the previous scan.
-    netns_drops: HashMap<u32, ListenCounters>,
-    /// Owners of socket inodes, for listeners that predate the agent.
-    inode_owners: HashMap<u64, owners::ProcOwner>,
-    inode_owners_read: Option<std::time::Instant>,
+    /// Owners from /proc, for connections the kernel met in softirq only.
+    owners: SocketOwners,
+    listeners: Listeners,
     /// The latest look at the churning destinations' surroundings, and when.
-    surroundings: Option<(std::time::Instant, Surroundings)>,
+    surroundings: Option<(Instant, Surroundings)>,
 }
 
 /// How long TIME_WAIT counts are reused: a dump walks the kernel's whole
-/// connection table (tens of ms with 100k sockets; at 10k connections/s, with
-/// a 5 s age, 12–15% of the agent's CPU), and the counts feed findings about
-/// minutes-long trends. A destination that starts churning is counted at once.
+/// connection table, which costs under churn, and the counts feed findings
+/// about minutes-long trends. A destination that starts churning is counted
+/// at once.
 const SURROUNDINGS_MAX_AGE: Duration = Duration::from_secs(15);
 
 /// What one step produced.
@@ -115,14 +90,15 @@ impl Pipeline {
         diagnosis.scan_interval = SCAN_INTERVAL;
         let mut scan = tokio::time::interval(SCAN_INTERVAL);
         scan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut owners = SocketOwners::default();
+        owners.refresh();
         Ok(Self {
             session,
             diagnoser: Diagnoser::new(diagnosis),
             scan,
             started: SystemTime::now(),
-            netns_drops: HashMap::new(),
-            inode_owners: HashMap::new(),
-            inode_owners_read: None,
+            owners,
+            listeners: Listeners::default(),
             surroundings: None,
         })
     }
@@ -179,7 +155,11 @@ impl Pipeline {
     /// CLOSE_WAIT, the pools' request counters, the listeners' accept queues.
     fn scan_once(&mut self, batch: &mut Batch) {
         let now = SystemTime::now();
-        let waiting = self.session.close_waits();
+        let mut waiting = self.session.close_waits();
+        for entry in waiting.iter_mut().filter(|entry| entry.pid == 0) {
+            let key = (entry.laddr, entry.lport, entry.raddr, entry.rport);
+            adopt(&mut self.owners, &key, &mut entry.pid, &mut entry.comm);
+        }
         batch
             .findings
             .extend(self.diagnoser.close_wait_scan(now, &waiting));
@@ -188,7 +168,7 @@ impl Pipeline {
         batch
             .findings
             .extend(self.diagnoser.pool_scan(now, &counters, &around));
-        let listeners = self.listener_samples();
+        let listeners = self.listeners.samples(self.session.listeners());
         batch
             .findings
             .extend(self.diagnoser.listener_scan(now, &listeners));
@@ -200,8 +180,9 @@ impl Pipeline {
         });
     }
 
-    /// [`surroundings`](Self::surroundings), looked at again when they are
-    /// older than [`SURROUNDINGS_MAX_AGE`] or a destination started churning.
+    /// The churning destinations' [`Surroundings`], looked at again when they
+    /// are older than [`SURROUNDINGS_MAX_AGE`] or a destination started
+    /// churning.
     fn cached_surroundings(&mut self) -> Surroundings {
         let candidates = self.diagnoser.churn_candidates();
         let fresh = self.surroundings.as_ref().is_some_and(|(at, around)| {
@@ -211,8 +192,8 @@ impl Pipeline {
                     .all(|key| around.time_wait.contains_key(key))
         });
         if !fresh {
-            let around = self.surroundings(candidates);
-            self.surroundings = Some((std::time::Instant::now(), around));
+            let around = surroundings::look(candidates);
+            self.surroundings = Some((Instant::now(), around));
         }
         self.surroundings
             .as_ref()
@@ -220,142 +201,25 @@ impl Pipeline {
             .unwrap_or_default()
     }
 
-    /// TIME_WAIT counts and port ranges for the destinations that churn. TIME_WAIT
-    /// sockets belong to no process, only to a network namespace: one dump per
-    /// namespace counts them for all its destinations.
-    fn surroundings(&self, candidates: Vec<diagnosis::DestinationKey>) -> Surroundings {
-        use std::os::unix::fs::MetadataExt as _;
-        let mut around = Surroundings::default();
-        let mut by_netns: HashMap<u64, Vec<diagnosis::DestinationKey>> = HashMap::new();
-        for key in candidates {
-            if let Entry::Vacant(slot) = around.port_range.entry(key.pid)
-                && let Some(size) = port_range_size(key.pid)
-            {
-                slot.insert(size);
-            }
-            // A process that has exited leads to no namespace.
-            if let Ok(netns) = std::fs::metadata(format!("/proc/{}/ns/net", key.pid)) {
-                by_netns.entry(netns.ino()).or_default().push(key);
-            }
-        }
-        for keys in by_netns.into_values() {
-            let destinations = keys.iter().map(|key| (key.raddr, key.rport));
-            let Ok(Ok(counts)) = listen_queue::in_netns_of(keys[0].pid, || {
-                crate::host::sock_diag::time_wait_towards(destinations)
-            }) else {
-                continue;
-            };
-            for key in keys {
-                if let Some(&count) = counts.get(&(key.raddr, key.rport)) {
-                    around.time_wait.insert(key, count);
-                }
-            }
-        }
-        around
-    }
-
-    /// Accept queues of listening sockets, read in each one's network namespace,
-    /// with the namespace's drop counters: every listener of the agent's own
-    /// namespace, and in other namespaces those the programs saw opened (whose
-    /// owner leads into the namespace).
-    fn listener_samples(&mut self) -> Vec<ListenerSample> {
-        let mut by_netns: HashMap<u32, Vec<(Owner, u16)>> = HashMap::new();
-        for (owner, netns, port) in self.session.listeners() {
-            by_netns.entry(netns).or_default().push((owner, port));
-        }
-        let own_netns = own_netns();
-        if let Some(own) = own_netns {
-            by_netns.entry(own).or_default();
-        }
-        let mut samples = Vec::new();
-        for (netns, known) in by_netns {
-            let pid = if Some(netns) == own_netns {
-                std::process::id()
-            } else {
-                // Owners that have exited lead nowhere.
-                match known.iter().find(|(owner, _)| {
-                    std::path::Path::new(&format!("/proc/{}/ns/net", owner.pid)).exists()
-                }) {
-                    Some((owner, _)) => owner.pid,
-                    None => continue,
-                }
-            };
-            let Ok(Ok(queues)) = listen_queue::in_netns_of(pid, listen_queue::listening_sockets)
-            else {
-                continue;
-            };
-            let counters = listen_queue::listen_counters(pid).ok();
-            let drops = match (counters, self.netns_drops.get(&netns)) {
-                (Some(now), Some(before)) => {
-                    (now.overflows + now.drops).saturating_sub(before.overflows + before.drops)
-                }
-                _ => 0,
-            };
-            if let Some(counters) = counters {
-                self.netns_drops.insert(netns, counters);
-            }
-            let somaxconn = listen_queue::in_netns_of(pid, || {
-                std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-                    .ok()
-                    .and_then(|text| text.trim().parse().ok())
-            })
-            .ok()
-            .flatten();
-            // A port may be served by several sockets (SO_REUSEPORT, IPv4 and
-            // IPv6): the fullest speaks for it.
-            let mut fullest: HashMap<u16, &ListenerQueue> = HashMap::new();
-            for queue in &queues {
-                let slot = fullest.entry(queue.port).or_insert(queue);
-                if queue.depth > slot.depth {
-                    *slot = queue;
-                }
-            }
-            for (port, queue) in fullest {
-                let owner = match known.iter().find(|(_, p)| *p == port) {
-                    Some((owner, _)) => Some((owner.pid, Comm::from_kernel(&owner.comm))),
-                    None if Some(netns) == own_netns => self
-                        .listener_owner(queue.inode)
-                        .map(|owner| (owner.pid, owner.comm)),
-                    None => None,
-                };
-                let Some((pid, comm)) = owner else {
-                    continue;
-                };
-                samples.push(ListenerSample {
-                    pid,
-                    comm,
-                    lport: port,
-                    depth: queue.depth,
-                    limit: queue.limit,
-                    netns_drops: drops,
-                    somaxconn,
-                });
-            }
-        }
-        samples
-    }
-
-    /// The process holding a listening socket that predates the agent, from
-    /// /proc; re-read at most every 10 s when a socket is not known yet.
-    fn listener_owner(&mut self, inode: u64) -> Option<owners::ProcOwner> {
-        if let Some(owner) = self.inode_owners.get(&inode) {
-            return Some(owner.clone());
-        }
-        if self
-            .inode_owners_read
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
-        {
-            return None;
-        }
-        self.inode_owners = owners::socket_inode_owners();
-        self.inode_owners_read = Some(std::time::Instant::now());
-        self.inode_owners.get(&inode).cloned()
-    }
-
     fn diagnose(&mut self, first: usize, batch: &mut Batch) {
+        // The kernel met these connections in softirq with no owner on
+        // record: ones that predate the agent, or accepted ones whose listener
+        // does. Their process is found in /proc.
+        for event in batch.events[first..].iter_mut().filter(|e| e.pid == 0) {
+            let key = (event.laddr, event.lport, event.raddr, event.rport);
+            adopt(&mut self.owners, &key, &mut event.pid, &mut event.comm);
+        }
         for event in &batch.events[first..] {
             batch.findings.extend(self.diagnoser.observe(event));
         }
         batch.occurrences.extend(self.diagnoser.take_occurrences());
+    }
+}
+
+/// Names the process /proc says holds connection `key`, if it knows one.
+fn adopt(owners: &mut SocketOwners, key: &ConnKey, pid: &mut u32, comm: &mut Comm) {
+    if let Some(owner) = owners.lookup(key) {
+        *pid = owner.pid;
+        *comm = owner.comm;
     }
 }

@@ -28,7 +28,10 @@ use self::{
 };
 use crate::{
     comm::Comm,
-    event::{Close, ClosedBy, Detail, Direction, Event, Reset, Reuse, Role},
+    event::{
+        Close, ClosedBy, DestinationKey, Detail, Direction, Event, ListenerKey, Reset, Reuse, Role,
+    },
+    kernel::tables::CloseWaitEntry,
 };
 
 /// How close a peer's reset or FIN must follow (or, on loopback, precede: the
@@ -89,21 +92,6 @@ impl Default for Config {
             starvation_samples: 3,
         }
     }
-}
-
-/// A process and a remote endpoint it talks to.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DestinationKey {
-    pub pid: u32,
-    pub raddr: IpAddr,
-    pub rport: u16,
-}
-
-/// A process and one of its listening ports.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListenerKey {
-    pub pid: u32,
-    pub lport: u16,
 }
 
 /// Closes by who ended the connection.
@@ -241,20 +229,6 @@ pub struct Occurrence {
     pub lport: Option<u16>,
     /// How much: 1 for an event, seconds for saturation, attempts for drops.
     pub amount: f64,
-}
-
-/// One connection stuck in CLOSE_WAIT, from the kernel's table.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CloseWaitEntry {
-    /// The kernel's identity of the socket, stable while it lives.
-    pub sock: u64,
-    pub pid: u32,
-    pub comm: Comm,
-    pub raddr: IpAddr,
-    pub rport: u16,
-    pub lport: u16,
-    /// Since the peer's FIN.
-    pub waiting: Duration,
 }
 
 pub struct Diagnoser {

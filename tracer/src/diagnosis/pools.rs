@@ -6,7 +6,6 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
     time::SystemTime,
 };
 
@@ -14,58 +13,19 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    ConnectionStats, DestinationKey, Diagnoser, ListenerKey, Occurrence, endpoint,
+    ConnectionStats, Diagnoser, Occurrence, endpoint,
     finding::{Finding, FindingKind, Materiality, Severity},
     human_ms,
 };
-use crate::comm::Comm;
+use crate::{
+    comm::Comm,
+    event::{DestinationKey, ListenerKey},
+    host::{listeners::ListenerSample, surroundings::Surroundings},
+    kernel::tables::{PoolCounters, PoolRef},
+};
 
 /// Samples kept per pool: enough for the longest window a rule looks at.
 const HISTORY: usize = 30;
-
-/// Kernel request counters of one pool, as read from the `POOLS` map.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PoolCounters {
-    pub pool: PoolRef,
-    /// Connections with a request in progress now.
-    pub busy: u64,
-    pub requests: u64,
-    pub responses: u64,
-    pub busy_ns: u64,
-    /// Gaps from reading a response to the next request, in log2 µs buckets.
-    pub gaps: Vec<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum PoolRef {
-    Destination(DestinationKey),
-    Listener(ListenerKey),
-}
-
-/// One listening socket's accept queue at a scan.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ListenerSample {
-    pub pid: u32,
-    pub comm: Comm,
-    pub lport: u16,
-    pub depth: u32,
-    pub limit: u32,
-    /// The network namespace's ListenOverflows + ListenDrops since the previous
-    /// scan (shared by every listener of the namespace).
-    pub netns_drops: u64,
-    /// `net.core.somaxconn` of the namespace, which caps the backlog.
-    pub somaxconn: Option<u32>,
-}
-
-/// What the pipeline looked up outside the kernel for the destinations that
-/// churn (see [`Diagnoser::churn_candidates`]).
-#[derive(Clone, Debug, Default)]
-pub struct Surroundings {
-    /// TIME_WAIT sockets towards each destination.
-    pub time_wait: HashMap<DestinationKey, u64>,
-    /// Size of `net.ipv4.ip_local_port_range` in each process's namespace.
-    pub port_range: HashMap<u32, u32>,
-}
 
 /// One second of a pool.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -665,16 +625,4 @@ fn human_us(value_us: f64) -> String {
     } else {
         human_ms(value_us / 1000.0)
     }
-}
-
-/// Addresses in `PoolKey`s decode like event addresses.
-pub fn pool_address(family: u16, addr: &[u8; 16]) -> Option<IpAddr> {
-    let conn = tracer_common::event::Endpoints {
-        family,
-        raddr: *addr,
-        ..Default::default()
-    };
-    crate::kernel::decode::addresses(&conn)
-        .ok()
-        .map(|(_, raddr)| raddr)
 }

@@ -487,6 +487,7 @@ fn close_wait_leaks_are_counted_per_destination_and_process() {
         sock: u64::from(lport),
         pid: CLIENT,
         comm: "leaky".into(),
+        laddr: localhost(),
         raddr: localhost(),
         rport,
         lport,
@@ -593,7 +594,10 @@ fn safe_pool_timeouts_and_durations_read_well() {
 
 mod pools {
     use super::*;
-    use crate::diagnosis::pools::{ListenerSample, PoolCounters, PoolRef, Surroundings};
+    use crate::{
+        host::{listeners::ListenerSample, surroundings::Surroundings},
+        kernel::tables::{PoolCounters, PoolRef},
+    };
 
     fn pool_key() -> DestinationKey {
         DestinationKey {

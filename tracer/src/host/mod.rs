@@ -5,5 +5,7 @@
 
 pub mod containers;
 pub mod listen_queue;
+pub mod listeners;
 pub mod owners;
 pub mod sock_diag;
+pub mod surroundings;

@@ -9,4 +9,5 @@ pub mod clock;
 pub mod decode;
 pub mod loader;
 pub mod session;
+pub mod tables;
 pub mod tracefs;

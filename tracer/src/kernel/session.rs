@@ -15,14 +15,10 @@ use tracer_common::{
     state::{CloseWait, Counter, ListenerKey, Owner, POOL_CLIENT, PoolKey, PoolStats},
 };
 
+use super::tables::{self, CloseWaitEntry, PoolCounters, PoolRef};
 use crate::{
     comm::Comm,
-    diagnosis::{
-        self, CloseWaitEntry, DestinationKey,
-        pools::{self, PoolCounters, PoolRef},
-    },
-    event::Event,
-    host::owners::SocketOwners,
+    event::{self, DestinationKey, Event},
     kernel::clock::{ClockError, Jiffies, WallClock},
     kernel::decode::{self, Decoder},
     kernel::loader::{self, AttachReport, LoadError, Options},
@@ -81,7 +77,6 @@ pub struct Session {
 /// Turns ring-buffer records into events, with what that needs and counts.
 struct Intake {
     decoder: Decoder,
-    owners: SocketOwners,
     events: u64,
     undecodable: u64,
 }
@@ -110,8 +105,6 @@ impl Session {
         let close_waits = take_map(&mut ebpf, MAP_CLOSE_WAITS)?;
         let pools = take_map(&mut ebpf, MAP_POOLS)?;
         let listeners = take_map(&mut ebpf, MAP_LISTENERS)?;
-        let mut owners = SocketOwners::default();
-        owners.refresh();
         // SAFETY: the ring buffer owns its map fd and keeps it open for as long as
         // the AsyncFd holds it.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -134,7 +127,6 @@ impl Session {
                     clock: WallClock::new(),
                     jiffies,
                 },
-                owners,
                 events: 0,
                 undecodable: 0,
             },
@@ -182,10 +174,11 @@ impl Session {
         self.ebpf = None;
     }
 
-    /// Connections now in CLOSE_WAIT: their peer closed, their process has not.
+    /// Connections now in CLOSE_WAIT: their peer closed, their process has not
+    /// (pid 0 where the kernel met the connection in softirq only).
     /// The kernel table holds only those, so this is cheap however many
     /// connections are open.
-    pub fn close_waits(&mut self) -> Vec<CloseWaitEntry> {
+    pub fn close_waits(&self) -> Vec<CloseWaitEntry> {
         let now = WallClock::monotonic_now_ns();
         let mut entries = Vec::new();
         for item in self.close_waits.iter() {
@@ -197,23 +190,16 @@ impl Session {
             let Ok((laddr, raddr)) = decode::addresses(&waiting.conn) else {
                 continue;
             };
-            let mut entry = CloseWaitEntry {
+            entries.push(CloseWaitEntry {
                 sock,
                 pid: waiting.owner.pid,
                 comm: Comm::from_kernel(&waiting.owner.comm),
+                laddr,
                 raddr,
                 rport: waiting.conn.rport,
                 lport: waiting.conn.lport,
                 waiting: Duration::from_nanos(now.saturating_sub(waiting.since_ns)),
-            };
-            if entry.pid == 0 {
-                let key = (laddr, entry.lport, raddr, entry.rport);
-                if let Some(owner) = self.intake.owners.lookup(&key) {
-                    entry.pid = owner.pid;
-                    entry.comm = owner.comm;
-                }
-            }
-            entries.push(entry);
+            });
         }
         entries
     }
@@ -233,10 +219,10 @@ impl Session {
                 let pool = match key.side {
                     POOL_CLIENT => PoolRef::Destination(DestinationKey {
                         pid: key.pid,
-                        raddr: pools::pool_address(key.family, &key.addr)?,
+                        raddr: tables::pool_address(key.family, &key.addr)?,
                         rport: key.port,
                     }),
-                    _ => PoolRef::Listener(diagnosis::ListenerKey {
+                    _ => PoolRef::Listener(event::ListenerKey {
                         pid: key.pid,
                         lport: key.port,
                     }),
@@ -314,14 +300,8 @@ impl Intake {
                 return true;
             };
             match self.decoder.decode(&record) {
-                Ok(mut event) => {
+                Ok(event) => {
                     self.events += 1;
-                    // The kernel met the connection in softirq with no owner on
-                    // record: one that predates the agent, or an accepted one
-                    // whose listener does.
-                    if event.pid == 0 {
-                        fill_owner(&mut self.owners, &mut event);
-                    }
                     out.push(event);
                 }
                 Err(e) => {
@@ -331,13 +311,5 @@ impl Intake {
             }
         }
         false
-    }
-}
-
-/// A connection the kernel met mid-life, in softirq: the process is found in /proc.
-fn fill_owner(owners: &mut SocketOwners, event: &mut Event) {
-    if let Some(owner) = owners.lookup(&(event.laddr, event.lport, event.raddr, event.rport)) {
-        event.pid = owner.pid;
-        event.comm = owner.comm;
     }
 }

@@ -34,13 +34,13 @@ use self::budget::{Budget, Label, no_label};
 use crate::{
     comm::Comm,
     diagnosis::{
-        CloseWaitEntry, Diagnoser, Occurrence,
+        Diagnoser, Occurrence,
         finding::{Finding, FindingKind},
-        pools::{PoolCounters, PoolRef},
     },
     event::{ClosedBy, Detail, Event, Role},
     kernel::loader::AttachReport,
     kernel::session::Stats,
+    kernel::tables::{CloseWaitEntry, PoolCounters, PoolRef},
 };
 
 pub use format::MetricsFormat;

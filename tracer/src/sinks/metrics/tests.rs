@@ -423,7 +423,7 @@ fn every_family_populated() -> Metrics {
     }
     d.listener_scan(
         SystemTime::now(),
-        &[diagnosis::pools::ListenerSample {
+        &[crate::host::listeners::ListenerSample {
             pid: 0,
             comm: "client".into(),
             lport: 40_000,
@@ -433,7 +433,7 @@ fn every_family_populated() -> Metrics {
             somaxconn: Some(4096),
         }],
     );
-    let destination = diagnosis::DestinationKey {
+    let destination = crate::event::DestinationKey {
         pid: 0,
         raddr: IpAddr::from([127, 0, 0, 1]),
         rport: 8080,
@@ -450,6 +450,7 @@ fn every_family_populated() -> Metrics {
         sock: 1,
         pid: 0,
         comm: "client".into(),
+        laddr: destination.raddr,
         raddr: destination.raddr,
         rport: 8080,
         lport: 40_000,
