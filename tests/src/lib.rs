@@ -159,7 +159,7 @@ impl Trace {
 
     /// The `diagnose` report of everything seen so far, as text.
     pub fn report_text(&self) -> String {
-        self.diagnoser().report(self.pipeline.elapsed()).to_text()
+        tracer::sinks::report::text(&self.diagnoser().report(self.pipeline.elapsed()))
     }
 
     pub fn stats(&self) -> Stats {

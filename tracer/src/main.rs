@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use tracer::sinks::stream::Stream;
+
 use crate::{
     cli::{Cli, Command},
-    commands::stream::{self, Show},
+    commands::stream,
 };
 
 fn main() -> ExitCode {
@@ -39,14 +41,10 @@ fn main() -> ExitCode {
         match &command {
             Command::Agent(args) => commands::agent::run(&cli.kernel, args).await,
             Command::Trace(args) => {
-                let show = Show {
-                    format: args.format,
-                    events: true,
-                    findings: true,
-                };
-                stream::run(&cli.kernel, &args.filter, &args.diagnosis, show, None)
-                    .await
-                    .map(drop)
+                let pipeline = stream::start(&cli.kernel, &args.filter, &args.diagnosis)?;
+                let stdout = std::io::BufWriter::new(std::io::stdout().lock());
+                let mut out = Stream::new(stdout, args.format, true, true);
+                stream::run(pipeline, None, &mut [&mut out]).await.map(drop)
             }
             Command::Diagnose(args) => commands::diagnose::run(&cli.kernel, args).await,
             Command::Probe(args) => commands::probe::run(&cli.kernel, args),
@@ -64,13 +62,9 @@ fn main() -> ExitCode {
 /// Keeps glibc's mmap threshold at its default of 128 KiB for the whole run.
 /// Left dynamic, glibc raises it to the size of the largest mmap'd block freed,
 /// and parsing the kernel's BTF at start frees a 13 MiB one; from then on every
-/// block up to that size comes from the brk heap. Measured under steady churn
-/// (`wrk -H "Connection: close"`, 8k connections/s), the memory in use stayed
-/// flat (heaptrack) while RSS grew by about 1 MiB per million connections for
-/// as long as the agent ran. Pinned, the heap starts some 4 MiB larger and then
-/// stays within 20 KiB over 1.4 million connections. (The bench's soak, a
-/// different traffic pattern, still grows by about 1.3 MiB per million
-/// connections, for a cause not found yet.)
+/// block up to that size comes from the brk heap, whose RSS grew under steady
+/// churn while the memory in use stayed flat (commit 4a11f51 has the
+/// measurements).
 fn pin_malloc_mmap_threshold() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes an allocator parameter; glibc allows it at

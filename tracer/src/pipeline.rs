@@ -10,7 +10,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::{
     comm::Comm,
-    diagnosis::{self, Diagnoser, Occurrence, finding::Finding},
+    diagnosis::{self, Diagnoser, Occurrence, finding::Finding, gauges::Gauges},
     event::Event,
     host::{
         listeners::Listeners,
@@ -54,11 +54,14 @@ pub struct Batch {
     pub scan: Option<Scan>,
 }
 
-/// The kernel tables a periodic scan read.
+/// What a periodic scan read: the kernel's tables, what the diagnosis holds
+/// now, and the session's own figures.
 #[derive(Debug, Default)]
 pub struct Scan {
     pub pools: Vec<PoolCounters>,
     pub close_waits: Vec<CloseWaitEntry>,
+    pub gauges: Gauges,
+    pub stats: Stats,
     /// The ring buffer's fill peak since the previous scan.
     pub ring_buffer_peak: u64,
 }
@@ -176,6 +179,8 @@ impl Pipeline {
         batch.scan = Some(Scan {
             pools: counters,
             close_waits: waiting,
+            gauges: self.diagnoser.gauges(),
+            stats: self.session.stats(),
             ring_buffer_peak: self.session.take_ring_buffer_peak(),
         });
     }

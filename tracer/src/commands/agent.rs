@@ -12,11 +12,13 @@ use std::{
 use anyhow::Context as _;
 use tracer::{
     endpoint::{self, EndpointConfig, MetricsFormat, MetricsSource},
-    pipeline::{Batch, Pipeline},
-    sinks::metrics::{Metrics, MetricsOptions},
+    sinks::{
+        metrics::{Metrics, MetricsOptions},
+        stream::Stream,
+    },
 };
 
-use super::stream::{self, Show};
+use super::stream;
 use crate::cli::{AgentArgs, KernelArgs};
 
 /// What `/metrics` and `/healthz` answer with.
@@ -76,36 +78,16 @@ pub async fn run(kernel: &KernelArgs, args: &AgentArgs) -> anyhow::Result<()> {
         },
     ));
 
-    let show = Show {
-        format: args.format,
-        events: args.events,
-        findings: true,
-    };
-    let observe = |pipeline: &Pipeline, batch: &Batch| record(&metrics, pipeline, batch);
-    let outcome = stream::run_pipeline(pipeline, show, None, observe).await;
+    let mut log = Stream::new(
+        std::io::BufWriter::new(std::io::stdout().lock()),
+        args.format,
+        args.events,
+        true,
+    );
+    let mut metrics_sink = Arc::clone(&metrics);
+    let outcome = stream::run(pipeline, None, &mut [&mut metrics_sink, &mut log]).await;
     attached.store(false, Ordering::Relaxed);
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     outcome.map(drop)
-}
-
-fn record(metrics: &Metrics, pipeline: &Pipeline, batch: &Batch) {
-    for event in &batch.events {
-        metrics.observe_event(event);
-    }
-    for finding in &batch.findings {
-        metrics.observe_finding(finding);
-    }
-    for occurrence in &batch.occurrences {
-        metrics.observe_occurrence(occurrence);
-    }
-    if let Some(scan) = &batch.scan {
-        metrics.observe_scan(
-            pipeline.diagnoser(),
-            &scan.pools,
-            &scan.close_waits,
-            pipeline.stats(),
-            scan.ring_buffer_peak,
-        );
-    }
 }

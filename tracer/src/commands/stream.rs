@@ -1,28 +1,18 @@
-//! Running the pipeline until Ctrl-C (or a deadline), writing what it produces:
-//! `trace` writes events and findings, `agent` findings (and events on request),
-//! `diagnose` nothing until its report.
+//! Running the pipeline until Ctrl-C (or a deadline), handing every batch to
+//! the command's sinks: `trace` streams events and findings, `agent` findings
+//! (and events on request) and metrics, `diagnose` nothing until its report.
 
-use std::{
-    io::{self, BufWriter},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracer::{
     kernel::session::Stats,
     pipeline::{Batch, Pipeline},
-    sinks::stream::{EventWriter, Format},
+    sinks::Sink,
 };
 
 use crate::cli::{DiagnosisArgs, FilterArgs, KernelArgs};
-
-/// What to write while running.
-pub struct Show {
-    pub format: Format,
-    pub events: bool,
-    pub findings: bool,
-}
 
 /// Loads the programs and says so on stderr.
 pub fn start(
@@ -43,34 +33,20 @@ pub fn start(
     Ok(pipeline)
 }
 
-/// Starts the pipeline and runs it: see [`run_pipeline`].
+/// Runs until SIGINT/SIGTERM or `duration`, handing every batch to `sinks`,
+/// then detaches, drains what the kernel had already written, and prints the
+/// one-line summary on stderr. Returns the pipeline, whose diagnosis the
+/// caller may report.
 pub async fn run(
-    kernel: &KernelArgs,
-    filter: &FilterArgs,
-    diagnosis: &DiagnosisArgs,
-    show: Show,
-    duration: Option<Duration>,
-) -> anyhow::Result<Pipeline> {
-    let pipeline = start(kernel, filter, diagnosis)?;
-    run_pipeline(pipeline, show, duration, |_, _| {}).await
-}
-
-/// Runs until SIGINT/SIGTERM or `duration`, handing every batch to `observe`
-/// before writing it, then detaches, drains what the kernel had already
-/// written, and prints the one-line summary on stderr. Returns the pipeline,
-/// whose diagnosis the caller may report.
-pub async fn run_pipeline(
     mut pipeline: Pipeline,
-    show: Show,
     duration: Option<Duration>,
-    mut observe: impl FnMut(&Pipeline, &Batch),
+    sinks: &mut [&mut dyn Sink],
 ) -> anyhow::Result<Pipeline> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
-    let mut writer = EventWriter::new(BufWriter::new(io::stdout().lock()), show.format);
     let mut batch = Batch::default();
     let mut lost_reported = 0;
 
@@ -78,8 +54,7 @@ pub async fn run_pipeline(
         tokio::select! {
             result = pipeline.next(&mut batch) => {
                 result?;
-                observe(&pipeline, &batch);
-                if let Err(e) = write(&mut writer, &show, &mut batch) {
+                if let Err(e) = hand(sinks, &mut batch) {
                     break Err(e);
                 }
             }
@@ -100,8 +75,7 @@ pub async fn run_pipeline(
     };
 
     pipeline.finish(&mut batch);
-    observe(&pipeline, &batch);
-    let flushed = outcome.and_then(|()| write(&mut writer, &show, &mut batch));
+    let flushed = outcome.and_then(|()| hand(sinks, &mut batch));
     eprintln!("{}", summary(&pipeline.stats()));
     match flushed {
         // The reader went away (`tracer trace | head`): not an error.
@@ -111,27 +85,11 @@ pub async fn run_pipeline(
     }
 }
 
-fn write(
-    writer: &mut EventWriter<impl io::Write>,
-    show: &Show,
-    batch: &mut Batch,
-) -> io::Result<()> {
-    if batch.is_empty() {
-        batch.clear();
-        return Ok(());
-    }
-    if show.events {
-        for event in &batch.events {
-            writer.write(event)?;
-        }
-    }
-    if show.findings {
-        for finding in &batch.findings {
-            writer.write_finding(finding)?;
-        }
-    }
+/// Hands `batch` to every sink, then empties it for the next step.
+fn hand(sinks: &mut [&mut dyn Sink], batch: &mut Batch) -> io::Result<()> {
+    let handed = sinks.iter_mut().try_for_each(|sink| sink.take(batch));
     batch.clear();
-    writer.flush()
+    handed
 }
 
 fn summary(stats: &Stats) -> String {

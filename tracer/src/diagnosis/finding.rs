@@ -97,6 +97,15 @@ pub struct Finding {
 }
 
 impl Finding {
+    /// Where the finding is: the listening port, or the remote endpoint.
+    pub fn place(&self) -> String {
+        match (self.lport, self.raddr, self.rport) {
+            (Some(lport), _, _) => format!("port {lport}"),
+            (None, Some(addr), Some(port)) => super::endpoint(addr, port),
+            _ => String::new(),
+        }
+    }
+
     /// What identifies "the same finding" across updates.
     pub fn key(&self) -> FindingKey {
         FindingKey {

@@ -7,6 +7,7 @@
 
 pub mod estimate;
 pub mod finding;
+pub mod gauges;
 pub mod pools;
 pub mod report;
 pub mod samples;
@@ -106,6 +107,12 @@ pub struct CloseCounts {
 }
 
 impl CloseCounts {
+    pub fn total(&self) -> u64 {
+        self.local + self.peer + self.reset_local + self.reset_peer + self.timeout + self.unknown
+    }
+}
+
+impl CloseCounts {
     fn count(&mut self, closed_by: ClosedBy) {
         *match closed_by {
             ClosedBy::Local => &mut self.local,
@@ -181,8 +188,7 @@ impl ConnectionStats {
     }
 
     pub fn closed_total(&self) -> u64 {
-        let c = &self.closes;
-        c.local + c.peer + c.reset_local + c.reset_peer + c.timeout + c.unknown
+        self.closes.total()
     }
 }
 

@@ -567,7 +567,7 @@ fn report_groups_by_process_then_destination() {
     let destination = &process.destinations[0];
     assert_eq!(destination.connections_opened, 4);
     assert_eq!(destination.closed.peer, 4);
-    let text = report.to_text();
+    let text = crate::sinks::report::text(&report);
     assert!(text.contains("client (pid 100)"), "{text}");
     assert!(text.contains("→ 127.0.0.1:8080 (client)"), "{text}");
     assert!(

@@ -5,12 +5,11 @@ use std::{
     io::{self, Write},
 };
 
+use super::Sink;
 use crate::{
-    diagnosis::{
-        endpoint,
-        finding::{Finding, Severity},
-    },
+    diagnosis::{endpoint, finding::Finding},
     event::{Detail, Event, Role},
+    pipeline::Batch,
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -68,21 +67,14 @@ impl<W: Write> EventWriter<W> {
             Format::Text => {
                 let time = humantime::format_rfc3339_micros(finding.ts).to_string();
                 let time = time.get(11..26).unwrap_or(&time);
-                let severity = match finding.severity {
-                    Severity::Error => "ERROR",
-                    Severity::Warning => "WARNING",
-                };
-                let place = match (finding.lport, finding.raddr, finding.rport) {
-                    (Some(lport), _, _) => format!("port {lport}"),
-                    (None, Some(addr), Some(port)) => endpoint(addr, port),
-                    _ => String::new(),
-                };
                 writeln!(
                     self.out,
-                    "{time} FINDING {severity} {} {} (pid {}) {place} ×{}\n    {}",
+                    "{time} FINDING {} {} {} (pid {}) {} ×{}\n    {}",
+                    finding.severity.name().to_ascii_uppercase(),
                     finding.kind.name(),
                     finding.comm,
                     finding.pid,
+                    finding.place(),
                     finding.count,
                     finding.recommendation
                 )
@@ -92,6 +84,43 @@ impl<W: Write> EventWriter<W> {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// The stream as a sink: a batch's events and findings, each only when asked
+/// for.
+pub struct Stream<W: Write> {
+    writer: EventWriter<W>,
+    events: bool,
+    findings: bool,
+}
+
+impl<W: Write> Stream<W> {
+    pub fn new(out: W, format: Format, events: bool, findings: bool) -> Self {
+        Self {
+            writer: EventWriter::new(out, format),
+            events,
+            findings,
+        }
+    }
+}
+
+impl<W: Write> Sink for Stream<W> {
+    fn take(&mut self, batch: &Batch) -> io::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.events {
+            for event in &batch.events {
+                self.writer.write(event)?;
+            }
+        }
+        if self.findings {
+            for finding in &batch.findings {
+                self.writer.write_finding(finding)?;
+            }
+        }
+        self.writer.flush()
     }
 }
 

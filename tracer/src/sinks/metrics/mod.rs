@@ -11,9 +11,10 @@ mod series;
 
 use std::{
     collections::{HashMap, HashSet},
+    io,
     net::IpAddr,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicI64, AtomicU64},
     },
     time::Duration,
@@ -31,16 +32,19 @@ use prometheus_client::{
 };
 
 use self::budget::{Budget, Label, no_label};
+use super::Sink;
 use crate::{
     comm::Comm,
     diagnosis::{
-        Diagnoser, Occurrence,
+        Occurrence,
         finding::{Finding, FindingKind},
+        gauges::Gauges,
     },
     event::{ClosedBy, Detail, Event, Role},
     kernel::loader::AttachReport,
     kernel::session::Stats,
-    kernel::tables::{CloseWaitEntry, PoolCounters, PoolRef},
+    kernel::tables::{PoolCounters, PoolRef},
+    pipeline::{Batch, Scan},
 };
 
 pub use format::MetricsFormat;
@@ -623,42 +627,50 @@ impl Metrics {
         }
     }
 
+    /// Everything a batch brings.
+    pub fn observe(&self, batch: &Batch) {
+        for event in &batch.events {
+            self.observe_event(event);
+        }
+        for finding in &batch.findings {
+            self.observe_finding(finding);
+        }
+        for occurrence in &batch.occurrences {
+            self.observe_occurrence(occurrence);
+        }
+        if let Some(scan) = &batch.scan {
+            self.observe_scan(scan);
+        }
+    }
+
     /// Gauges from the latest scan, the pools' request counters, and the
     /// agent's own figures.
-    pub fn observe_scan(
-        &self,
-        diagnoser: &Diagnoser,
-        pools: &[PoolCounters],
-        close_waits: &[CloseWaitEntry],
-        stats: Stats,
-        ringbuf_peak: u64,
-    ) {
-        let jiffy = diagnoser.config().jiffy;
+    pub fn observe_scan(&self, scan: &Scan) {
         let mut seen = GaugeSets::default();
-        for (key, stats) in diagnoser.destinations() {
-            let labels = self.remote_labels(key.pid, stats.comm, key.raddr, key.rport);
-            if let Some(estimate) = stats.peer_idle_timeout(jiffy) {
+        for destination in &scan.gauges.destinations {
+            let key = &destination.key;
+            let labels = self.remote_labels(key.pid, destination.comm, key.raddr, key.rport);
+            if let Some(timeout_ms) = destination.peer_idle_timeout_ms {
                 self.peer_idle_timeout
                     .get_or_create(&labels)
-                    .set(estimate.timeout_ms / 1000.0);
+                    .set(timeout_ms / 1000.0);
                 seen.peer_idle_timeout.insert(labels.clone());
             }
-            if let Some(estimate) = stats.local_idle_timeout(jiffy) {
+            if let Some(timeout_ms) = destination.local_idle_timeout_ms {
                 let conn = ConnLabels {
                     comm: labels.comm.clone(),
                     container_id: labels.container_id.clone(),
                     pod_uid: labels.pod_uid.clone(),
-                    role: role_name(stats.role.unwrap_or(Role::Unknown)),
+                    role: role_name(destination.role.unwrap_or(Role::Unknown)),
                     remote: labels.remote.clone(),
                     port: no_label(),
                 };
                 self.local_idle_timeout
                     .get_or_create(&conn)
-                    .set(estimate.timeout_ms / 1000.0);
+                    .set(timeout_ms / 1000.0);
                 seen.local_idle_timeout.insert(conn);
             }
-            if stats.role == Some(Role::Client) {
-                let busy = stats.history.samples.back().map_or(0, |s| s.busy);
+            if destination.role == Some(Role::Client) {
                 // Several processes' destinations can fold into `other`: add up.
                 let first = seen.pool_connections.insert(labels.clone());
                 let open = self.pool_connections.get_or_create(&labels);
@@ -667,22 +679,23 @@ impl Metrics {
                     open.set(0);
                     busy_gauge.set(0);
                 }
-                open.inc_by(stats.open_now() as i64);
-                busy_gauge.inc_by(busy as i64);
+                open.inc_by(destination.open as i64);
+                busy_gauge.inc_by(destination.busy as i64);
             }
         }
-        for (key, stats) in diagnoser.listeners() {
-            let labels = self.port_labels(key.pid, stats.comm, key.lport);
-            if let Some(sample) = stats.listener.samples.back() {
+        for listener in &scan.gauges.listeners {
+            let key = &listener.key;
+            let labels = self.port_labels(key.pid, listener.comm, key.lport);
+            if let Some((depth, limit)) = listener.queue {
                 self.listen_depth
                     .get_or_create(&labels)
-                    .set(i64::from(sample.depth));
+                    .set(i64::from(depth));
                 self.listen_limit
                     .get_or_create(&labels)
-                    .set(i64::from(sample.limit));
+                    .set(i64::from(limit));
                 seen.listen.insert(labels.clone());
             }
-            if let Some(estimate) = stats.local_idle_timeout(jiffy) {
+            if let Some(timeout_ms) = listener.local_idle_timeout_ms {
                 let conn = ConnLabels {
                     comm: labels.comm.clone(),
                     container_id: labels.container_id.clone(),
@@ -693,11 +706,11 @@ impl Metrics {
                 };
                 self.local_idle_timeout
                     .get_or_create(&conn)
-                    .set(estimate.timeout_ms / 1000.0);
+                    .set(timeout_ms / 1000.0);
                 seen.local_idle_timeout.insert(conn);
             }
         }
-        for entry in close_waits {
+        for entry in &scan.close_waits {
             let labels = self.remote_labels(entry.pid, entry.comm, entry.raddr, entry.rport);
             let gauge = self.close_wait_connections.get_or_create(&labels);
             if seen.close_wait.insert(labels.clone()) {
@@ -705,10 +718,11 @@ impl Metrics {
             }
             gauge.inc();
         }
-        self.pool_request_deltas(pools, diagnoser);
+        self.pool_request_deltas(&scan.pools, &scan.gauges);
         self.forget_gauges(seen);
 
-        self.ringbuf_pending.set(ringbuf_peak as i64);
+        let stats = scan.stats;
+        self.ringbuf_pending.set(scan.ring_buffer_peak as i64);
         self.tracked.set(stats.tracked as i64);
         let mut last = self.agent_last.lock().expect("agent stats");
         self.events.inc_by(stats.events.saturating_sub(last.events));
@@ -721,7 +735,7 @@ impl Metrics {
         *last = stats;
     }
 
-    fn pool_request_deltas(&self, pools: &[PoolCounters], diagnoser: &Diagnoser) {
+    fn pool_request_deltas(&self, pools: &[PoolCounters], gauges: &Gauges) {
         let mut last = self.last_requests.lock().expect("pool counters");
         for pool in pools {
             let PoolRef::Destination(key) = &pool.pool else {
@@ -732,10 +746,11 @@ impl Metrics {
             if delta == 0 {
                 continue;
             }
-            let comm = diagnoser
-                .destinations()
-                .find(|(k, _)| *k == key)
-                .map(|(_, stats)| stats.comm)
+            let comm = gauges
+                .destinations
+                .iter()
+                .find(|destination| destination.key == *key)
+                .map(|destination| destination.comm)
                 .unwrap_or_default();
             self.pool_requests
                 .get_or_create(&self.remote_labels(key.pid, comm, key.raddr, key.rport))
@@ -772,6 +787,14 @@ impl Metrics {
             self.listen_limit.remove(gone);
         }
         *previous = seen;
+    }
+}
+
+/// Shared with the endpoint that renders it.
+impl Sink for Arc<Metrics> {
+    fn take(&mut self, batch: &Batch) -> io::Result<()> {
+        self.observe(batch);
+        Ok(())
     }
 }
 

@@ -9,7 +9,24 @@ use super::*;
 use crate::{
     diagnosis::{self, Diagnoser},
     event::{Close, Direction, Open},
+    kernel::tables::CloseWaitEntry,
 };
+
+/// A scan as the pipeline hands it out, of what `d` holds now.
+fn scan(
+    d: &Diagnoser,
+    pools: Vec<PoolCounters>,
+    close_waits: Vec<CloseWaitEntry>,
+    ring_buffer_peak: u64,
+) -> Scan {
+    Scan {
+        pools,
+        close_waits,
+        gauges: d.gauges(),
+        stats: Stats::default(),
+        ring_buffer_peak,
+    }
+}
 
 fn metrics(max_destinations: usize) -> Metrics {
     Metrics::new(
@@ -289,7 +306,7 @@ fn inferred_timeouts_are_gauges_that_go_away_with_their_destination() {
         e.lport = port;
         d.observe(&e);
     }
-    m.observe_scan(&d, &[], &[], Stats::default(), 4096);
+    m.observe_scan(&scan(&d, Vec::new(), Vec::new(), 4096));
     let text = text(&m);
     assert_eq!(
         value(
@@ -303,13 +320,12 @@ fn inferred_timeouts_are_gauges_that_go_away_with_their_destination() {
         Some(4096.0)
     );
     // A fresh diagnosis without that destination: the gauge is removed.
-    m.observe_scan(
+    m.observe_scan(&scan(
         &Diagnoser::new(diagnosis::Config::default()),
-        &[],
-        &[],
-        Stats::default(),
+        Vec::new(),
+        Vec::new(),
         0,
-    );
+    ));
     assert!(!text_contains(&m, "tcptracer_peer_idle_timeout_seconds{"));
 }
 
@@ -456,8 +472,8 @@ fn every_family_populated() -> Metrics {
         lport: 40_000,
         waiting: Duration::from_secs(120),
     };
-    m.observe_scan(&d, &[pool(1)], &[], Stats::default(), 0);
-    m.observe_scan(&d, &[pool(5)], &[close_wait], Stats::default(), 0);
+    m.observe_scan(&scan(&d, vec![pool(1)], Vec::new(), 0));
+    m.observe_scan(&scan(&d, vec![pool(5)], vec![close_wait], 0));
     m.observe_occurrence(&Occurrence {
         kind: FindingKind::PoolSaturation,
         pid: 0,
