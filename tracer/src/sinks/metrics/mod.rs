@@ -7,6 +7,7 @@
 
 mod budget;
 pub mod format;
+pub mod names;
 mod series;
 
 use std::{
@@ -248,7 +249,7 @@ struct GaugeSets {
 
 impl Metrics {
     pub fn new(options: MetricsOptions, attach: &AttachReport) -> Self {
-        let mut registry = Registry::with_prefix("tcptracer");
+        let mut registry = Registry::default();
         let metrics = Self {
             labels: Mutex::new(Budget::new(options.max_processes, options.max_destinations)),
             last_requests: Mutex::default(),
@@ -291,150 +292,158 @@ impl Metrics {
         let m = &metrics;
         let r = &mut registry;
         r.register(
-            "connections_opened",
+            family(names::CONNECTIONS_OPENED),
             "Connections that reached ESTABLISHED (clients) or were accepted (servers)",
             m.connections_opened.clone(),
         );
         r.register(
-            "connections_closed",
+            family(names::CONNECTIONS_CLOSED),
             "Connections that reached CLOSE, by who ended them",
             m.connections_closed.clone(),
         );
-        r.register("connection_idle_at_close_seconds", "How long a connection had carried no payload when the first FIN or RST was sent or received", m.idle_at_close.clone());
+        r.register(family(names::IDLE_AT_CLOSE), "How long a connection had carried no payload when the first FIN or RST was sent or received", m.idle_at_close.clone());
         r.register(
-            "connect_duration_seconds",
+            family(names::CONNECT_DURATION),
             "SYN to ESTABLISHED, for connections this host opened",
             m.connect_duration.clone(),
         );
         r.register(
-            "connect_errors",
+            family(names::CONNECT_ERRORS),
             "connect() failures by errno",
             m.connect_errors.clone(),
         );
         r.register(
-            "resets",
+            family(names::RESETS),
             "RSTs received and sent on connections",
             m.resets.clone(),
         );
         r.register(
-            "retransmits_after_idle",
+            family(names::RETRANSMITS_AFTER_IDLE),
             "Retransmissions on connections whose peer had been silent for at least --min-idle",
             m.retransmits_after_idle.clone(),
         );
         r.register(
-            "peer_idle_timeout_seconds",
+            family(names::PEER_IDLE_TIMEOUT),
             "The destination's idle timeout, inferred from when it closed idle connections",
             m.peer_idle_timeout.clone(),
         );
         r.register(
-            "local_idle_timeout_seconds",
+            family(names::LOCAL_IDLE_TIMEOUT),
             "This process's own idle timeout, inferred from its closes of idle connections",
             m.local_idle_timeout.clone(),
         );
         r.register(
-            "stale_reuses",
+            family(names::STALE_REUSES),
             "Requests sent on connections the peer had already closed",
             m.stale_reuses.clone(),
         );
         r.register(
-            "idle_timeout_mismatches",
+            family(names::IDLE_TIMEOUT_MISMATCHES),
             "Idle pooled connections the destination closed: each is a race with the next request",
             m.idle_timeout_mismatches.clone(),
         );
         r.register(
-            "silent_drops",
+            family(names::SILENT_DROPS),
             "Idle flows the network path dropped",
             m.silent_drops.clone(),
         );
         r.register(
-            "close_wait_connections",
+            family(names::CLOSE_WAIT_CONNECTIONS),
             "Connections now in CLOSE_WAIT: the peer closed, the process has not",
             m.close_wait_connections.clone(),
         );
         r.register(
-            "close_wait_leaks",
+            family(names::CLOSE_WAIT_LEAKS),
             "Connections that stayed in CLOSE_WAIT longer than --close-wait-threshold",
             m.close_wait_leaks.clone(),
         );
         r.register(
-            "late_request_resets",
+            family(names::LATE_REQUEST_RESETS),
             "Requests that reached a server after it had closed the connection",
             m.late_request_resets.clone(),
         );
         r.register(
-            "pool_connections",
+            family(names::POOL_CONNECTIONS),
             "Open connections of the process to the destination",
             m.pool_connections.clone(),
         );
         r.register(
-            "pool_busy_connections",
+            family(names::POOL_BUSY_CONNECTIONS),
             "Open connections with a request in progress",
             m.pool_busy.clone(),
         );
         r.register(
-            "pool_requests",
+            family(names::POOL_REQUESTS),
             "Requests sent to the destination",
             m.pool_requests.clone(),
         );
         r.register(
-            "pool_saturated_seconds",
+            family(names::POOL_SATURATED),
             "Time every connection of the pool was busy with requests queued",
             m.pool_saturated.clone(),
         );
         r.register(
-            "listen_queue_depth",
+            family(names::LISTEN_QUEUE_DEPTH),
             "Connections waiting to be accepted",
             m.listen_depth.clone(),
         );
         r.register(
-            "listen_queue_limit",
+            family(names::LISTEN_QUEUE_LIMIT),
             "The accept queue's limit (the listen backlog)",
             m.listen_limit.clone(),
         );
-        r.register("listen_drops", "Connection attempts the network namespace dropped while this listener's queue was not empty", m.listen_drops.clone());
+        r.register(family(names::LISTEN_DROPS), "Connection attempts the network namespace dropped while this listener's queue was not empty", m.listen_drops.clone());
         r.register(
-            "accept_wait_seconds",
+            family(names::ACCEPT_WAIT),
             "Handshake completed to accept() returned the connection",
             m.accept_wait.clone(),
         );
         r.register(
-            "findings",
+            family(names::FINDINGS),
             "Findings reported: when one first holds, and when its evidence changes materially",
             m.findings.clone(),
         );
-        r.register("events", "Events read from the kernel", m.events.clone());
         r.register(
-            "events_lost",
+            family(names::EVENTS),
+            "Events read from the kernel",
+            m.events.clone(),
+        );
+        r.register(
+            family(names::EVENTS_LOST),
             "Events the kernel could not write (ring buffer full)",
             m.events_lost.clone(),
         );
         r.register(
-            "events_undecodable",
+            family(names::EVENTS_UNDECODABLE),
             "Ring-buffer records that did not decode",
             m.events_undecodable.clone(),
         );
         r.register(
-            "ringbuf_pending_bytes",
+            family(names::RINGBUF_PENDING),
             "The most data waiting in the ring buffer since the previous scan",
             m.ringbuf_pending.clone(),
         );
         let ringbuf_size: Gauge = Gauge::default();
         ringbuf_size.set(m.options.ring_buffer_bytes as i64);
-        r.register("ringbuf_size_bytes", "The ring buffer's size", ringbuf_size);
         r.register(
-            "tracked_connections",
+            family(names::RINGBUF_SIZE),
+            "The ring buffer's size",
+            ringbuf_size,
+        );
+        r.register(
+            family(names::TRACKED),
             "Connections in the kernel's socket table (an upper bound)",
             m.tracked.clone(),
         );
         let tracked_limit: Gauge = Gauge::default();
         tracked_limit.set(m.options.tracked_limit as i64);
         r.register(
-            "tracked_connections_limit",
+            family(names::TRACKED_LIMIT),
             "The kernel socket table's capacity (--max-connections)",
             tracked_limit,
         );
         r.register(
-            "untracked_connections",
+            family(names::UNTRACKED),
             "Connections the kernel socket table could not take",
             m.untracked.clone(),
         );
@@ -454,7 +463,7 @@ impl Metrics {
             })
             .set(1);
         r.register(
-            "attach_info",
+            family(names::ATTACH_INFO),
             "How the kernel programs are attached (always 1)",
             attach_info,
         );
@@ -464,7 +473,11 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             })
             .set(1);
-        r.register("build_info", "The agent's version (always 1)", build_info);
+        r.register(
+            family(names::BUILD_INFO),
+            "The agent's version (always 1)",
+            build_info,
+        );
         Self {
             registry,
             ..metrics
@@ -796,6 +809,12 @@ impl Sink for Arc<Metrics> {
         self.observe(batch);
         Ok(())
     }
+}
+
+/// The family name to register for a metric `names` gives as a scrape shows
+/// it: prometheus-client adds the `_total` of a counter itself.
+fn family(name: &'static str) -> &'static str {
+    name.strip_suffix("_total").unwrap_or(name)
 }
 
 fn role_name(role: Role) -> &'static str {

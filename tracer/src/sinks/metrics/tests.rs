@@ -363,6 +363,21 @@ fn the_alert_rules_and_the_dashboard_query_only_exported_metrics() {
     }
 }
 
+/// `names` holds every metric exported, and only those, as the text format
+/// names them.
+#[test]
+fn names_are_the_exported_metrics() {
+    let exported = text(&every_family_populated());
+    let mut families: Vec<&str> = exported
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_once(' '))
+        .map(|(family, _kind)| family)
+        .collect();
+    families.sort_unstable();
+    assert_eq!(metric_names(include_str!("names.rs")), families);
+}
+
 /// The distinct `tcptracer_*` identifiers in `text`.
 fn metric_names(text: &str) -> Vec<&str> {
     let mut names: Vec<&str> = text
