@@ -16,7 +16,10 @@ use integration_tests::{
     nginx::Nginx,
 };
 use tracer::{
-    diagnosis::{finding::Finding, human_ms, safe_below},
+    diagnosis::{
+        figures::{human_ms, safe_below},
+        finding::Finding,
+    },
     event::{ClosedBy, Detail},
     kernel::loader::{Filter, Options},
 };

@@ -101,7 +101,7 @@ impl Finding {
     pub fn place(&self) -> String {
         match (self.lport, self.raddr, self.rport) {
             (Some(lport), _, _) => format!("port {lport}"),
-            (None, Some(addr), Some(port)) => super::endpoint(addr, port),
+            (None, Some(addr), Some(port)) => super::figures::endpoint(addr, port),
             _ => String::new(),
         }
     }

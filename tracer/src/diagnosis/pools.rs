@@ -10,15 +10,17 @@ use std::{
 };
 
 use serde::Serialize;
-use serde_json::json;
 
 use super::{
-    ConnectionStats, Diagnoser, Occurrence, endpoint,
-    finding::{Finding, FindingKind, Materiality, Severity},
-    human_ms,
+    Diagnoser, Occurrence,
+    finding::{Finding, FindingKind},
+    rules::{
+        accept_queue_overflow::overflow, connection_churn::churn,
+        keepalive_worker_starvation::worker_starvation, pool_saturation::saturation,
+    },
+    stats::ConnectionStats,
 };
 use crate::{
-    comm::Comm,
     event::{DestinationKey, ListenerKey},
     host::{listeners::ListenerSample, surroundings::Surroundings},
     kernel::tables::{PoolCounters, PoolRef},
@@ -174,70 +176,12 @@ impl Diagnoser {
         }
         findings
     }
-
-    /// A connect() failed for want of a local port: report it at once.
-    pub(super) fn address_not_available(
-        &mut self,
-        key: DestinationKey,
-        comm: Comm,
-        now: SystemTime,
-    ) -> Option<Finding> {
-        let stats = self
-            .destinations
-            .get_or_insert_mut(key.clone(), ConnectionStats::default);
-        let count = stats
-            .connect_errors
-            .get("EADDRNOTAVAIL")
-            .copied()
-            .unwrap_or(0);
-        let finding = Finding {
-            ts: now,
-            event_type: "finding",
-            kind: FindingKind::PortExhaustion,
-            severity: Severity::Error,
-            pid: key.pid,
-            comm,
-            raddr: Some(key.raddr),
-            rport: Some(key.rport),
-            lport: None,
-            count,
-            evidence: json!({
-                "eaddrnotavail": count,
-                "new_connections_per_s": stats.history.recent_rate(5),
-            }),
-            recommendation: format!(
-                "{comm} could not connect to {} {count} time{}: no local port was free \
-                 (EADDRNOTAVAIL). Every connection it closes first holds its port in \
-                 TIME_WAIT for 60 s. Reuse connections (keep-alive, a pool) instead of \
-                 opening one per request; widening net.ipv4.ip_local_port_range only \
-                 postpones it.",
-                endpoint(key.raddr, key.rport),
-                if count == 1 { "" } else { "s" },
-            ),
-        };
-        let materiality = Materiality {
-            severity: Severity::Error,
-            count,
-            figures: Vec::new(),
-        };
-        self.book.update(finding, materiality)
-    }
-}
-
-impl ConnectionStats {
-    /// Adds the sample of the interval since the previous scan to the history.
-    fn record_sample(&mut self, now: SystemTime, counters: Option<&PoolCounters>) {
-        let (open, opened, closed) = (self.open_now(), self.opened, self.closed_total());
-        if let Some(sample) = self.history.sample(now, counters, open, opened, closed) {
-            self.history.push(sample);
-        }
-    }
 }
 
 impl PoolHistory {
     /// The sample for the interval since the previous scan. The first scan only
     /// sets the baseline.
-    fn sample(
+    pub(super) fn sample(
         &mut self,
         now: SystemTime,
         counters: Option<&PoolCounters>,
@@ -288,7 +232,7 @@ impl PoolHistory {
         })
     }
 
-    fn push(&mut self, sample: PoolSample) {
+    pub(super) fn push(&mut self, sample: PoolSample) {
         self.samples.push_back(sample);
         if self.samples.len() > HISTORY {
             self.samples.pop_front();
@@ -324,305 +268,4 @@ fn median_bucket(gaps: &[u64]) -> Option<f64> {
         }
     }
     None
-}
-
-/// Every connection of the pool busy for the whole window, the pool not growing,
-/// and each request following a response on the same connection at once:
-/// callers were waiting for a free connection.
-fn saturation(
-    config: &super::Config,
-    key: &DestinationKey,
-    stats: &mut ConnectionStats,
-    now: SystemTime,
-) -> Option<(Finding, Materiality)> {
-    let window = config.window_samples();
-    let recent: Vec<&PoolSample> = stats.history.samples.iter().rev().take(window).collect();
-    if recent.len() < window {
-        return None;
-    }
-    let size = recent[0].open;
-    let saturated = size > 0
-        && recent.iter().all(|s| {
-            s.open == size
-                && s.responses > 0
-                && s.busy_fraction >= config.saturation_busy
-                && s.median_gap_us
-                    .is_some_and(|gap| gap <= config.saturation_gap_us)
-        });
-    if !saturated {
-        return None;
-    }
-    stats.history.saturated_s += 1.0;
-    let busy = recent.iter().map(|s| s.busy_fraction).sum::<f64>() / window as f64;
-    let responses: u64 = recent.iter().map(|s| s.responses).sum();
-    let response_ms = recent
-        .iter()
-        .filter_map(|s| s.mean_response_ms.map(|ms| ms * s.responses as f64))
-        .sum::<f64>()
-        / responses.max(1) as f64;
-    let gap_us = recent[0].median_gap_us.unwrap_or(0.0);
-    let rate = responses as f64 / window as f64;
-    let cap = size as f64 * 1000.0 / response_ms.max(0.001);
-    let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::PoolSaturation,
-        severity: Severity::Warning,
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: Some(key.raddr),
-        rport: Some(key.rport),
-        lport: None,
-        count: stats.history.saturated_s as u64,
-        evidence: json!({
-            "pool_size": size,
-            "busy_fraction": round2(busy),
-            "median_gap_us": gap_us,
-            "window_s": window,
-            "mean_response_ms": round2(response_ms),
-            "requests_per_s": round2(rate),
-            "max_requests_per_s": round2(cap),
-        }),
-        recommendation: format!(
-            "{}'s {size} connections to {} were all busy {:.0}% of the last {window} s, and \
-             each next request went out {} after a response landed: requests queue for a \
-             free connection, and throughput is capped at {size} / {} = {:.0} requests/s. \
-             Raise the pool above {size} (to {}, say), unless {} is longer than {} \
-             normally takes — then the destination is the bottleneck.",
-            stats.comm,
-            endpoint(key.raddr, key.rport),
-            busy * 100.0,
-            human_us(gap_us),
-            human_ms(response_ms),
-            cap,
-            size * 2,
-            human_ms(response_ms),
-            endpoint(key.raddr, key.rport),
-        ),
-    };
-    let materiality = Materiality {
-        severity: Severity::Warning,
-        count: 1,
-        figures: vec![size as f64],
-    };
-    Some((finding, materiality))
-}
-
-/// Many new connections to one destination, each for one or two requests.
-fn churn(
-    config: &super::Config,
-    key: &DestinationKey,
-    stats: &ConnectionStats,
-    now: SystemTime,
-    around: &Surroundings,
-) -> Option<(Finding, Materiality)> {
-    let window = config.window_samples();
-    let recent: Vec<&PoolSample> = stats.history.samples.iter().rev().take(window).collect();
-    if recent.len() < window {
-        return None;
-    }
-    let opened: u64 = recent.iter().map(|s| s.opened).sum();
-    let rate = opened as f64 / window as f64;
-    if rate < config.churn_rate {
-        return None;
-    }
-    let requests: u64 = recent.iter().map(|s| s.requests).sum();
-    // Without request accounting (older kernels), a short life is the sign.
-    let per_connection = (requests > 0).then(|| requests as f64 / opened as f64);
-    let lifetime = stats.lifetimes.summary().map(|s| s.p50_ms);
-    let few_requests = match per_connection {
-        Some(per) => per <= 2.0,
-        None => lifetime.is_some_and(|ms| ms < 1000.0),
-    };
-    if !few_requests {
-        return None;
-    }
-    let time_wait = around.time_wait.get(key).copied();
-    let port_range = around.port_range.get(&key.pid).copied();
-    let closed_first_here = stats.closes.local + stats.closes.reset_local;
-    let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::ConnectionChurn,
-        severity: Severity::Warning,
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: Some(key.raddr),
-        rport: Some(key.rport),
-        lport: None,
-        count: opened,
-        evidence: json!({
-            "new_connections_per_s": round2(rate),
-            "requests_per_connection": per_connection.map(round2),
-            "median_lifetime_ms": lifetime,
-            "time_wait": time_wait,
-            "local_port_range": port_range,
-            "closed_by_this_side": closed_first_here,
-            "closed_by_peer": stats.closes.peer + stats.closes.reset_peer,
-            "window_s": window,
-        }),
-        recommendation: format!(
-            "{} opens {rate:.0} new connections per second to {}{}: keep-alive is not in \
-             effect (the pool is disabled, responses say `Connection: close`, or the pool is \
-             too small and discards connections). Each connection costs a handshake and, on \
-             the side that closes first, a port in TIME_WAIT for 60 s{}. Enable connection \
-             reuse: a pool of a few connections serves this rate.",
-            stats.comm,
-            endpoint(key.raddr, key.rport),
-            match per_connection {
-                Some(per) => format!(", {per:.1} requests on each"),
-                None => String::new(),
-            },
-            match (time_wait, port_range) {
-                (Some(tw), Some(range)) =>
-                    format!(" ({tw} in TIME_WAIT now, of {range} local ports)"),
-                (Some(tw), None) => format!(" ({tw} in TIME_WAIT now)"),
-                _ => String::new(),
-            },
-        ),
-    };
-    let materiality = Materiality {
-        severity: Severity::Warning,
-        count: 1,
-        figures: vec![rate],
-    };
-    Some((finding, materiality))
-}
-
-/// A listener's accept queue filled up, or the namespace dropped connection
-/// attempts while it was filling.
-fn overflow(
-    key: &ListenerKey,
-    stats: &ConnectionStats,
-    now: SystemTime,
-) -> Option<(Finding, Materiality)> {
-    let history = &stats.listener;
-    let latest = history.samples.back()?;
-    let full = history
-        .samples
-        .iter()
-        .any(|s| s.limit > 0 && s.depth >= s.limit);
-    if !full && history.drops_while_full == 0 {
-        return None;
-    }
-    let waits = stats.accept_wait.summary();
-    let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::AcceptQueueOverflow,
-        severity: if history.drops_while_full > 0 {
-            Severity::Error
-        } else {
-            Severity::Warning
-        },
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: None,
-        rport: None,
-        lport: Some(key.lport),
-        count: history.drops_while_full,
-        evidence: json!({
-            "backlog_limit": latest.limit,
-            "peak_depth": history.peak_depth,
-            "depth_now": latest.depth,
-            "dropped": history.drops_while_full,
-            "accept_wait_p90_ms": waits.map(|w| w.p90_ms),
-            "accept_wait_max_ms": waits.map(|w| w.max_ms),
-            "somaxconn": latest.somaxconn,
-        }),
-        recommendation: format!(
-            "{}'s accept queue on port {} reached its limit of {} ({} connection attempts \
-             dropped meanwhile): the process accepts connections more slowly than they \
-             arrive, and clients whose SYN or handshake is dropped retry after 1 s, 3 s, 7 s. \
-             Accept faster (more acceptor threads or workers), and raise the listen backlog{}.",
-            stats.comm,
-            key.lport,
-            latest.limit,
-            history.drops_while_full,
-            match latest.somaxconn {
-                Some(max) => format!(" (listen(2); it is capped by net.core.somaxconn = {max})"),
-                None => " (listen(2), capped by net.core.somaxconn)".to_string(),
-            },
-        ),
-    };
-    let materiality = Materiality {
-        severity: finding.severity,
-        count: history.drops_while_full,
-        figures: vec![history.peak_depth as f64],
-    };
-    Some((finding, materiality))
-}
-
-/// New connections wait in the accept queue while the server's connections are
-/// idle keep-alive connections, each holding a worker.
-fn worker_starvation(
-    config: &super::Config,
-    key: &ListenerKey,
-    stats: &ConnectionStats,
-    now: SystemTime,
-) -> Option<(Finding, Materiality)> {
-    let window = config.starvation_samples;
-    let recent: Vec<&ListenerSample> = stats.listener.samples.iter().rev().take(window).collect();
-    if recent.len() < window || recent.iter().any(|s| s.depth == 0) {
-        return None;
-    }
-    let pool = stats.history.samples.back()?;
-    let open = pool.open;
-    let idle = open.saturating_sub(pool.busy);
-    if open == 0 || idle * 2 < open {
-        return None;
-    }
-    let queued = recent[0].depth;
-    let idle_timeout = stats.local_idle_timeout(config.jiffy).map(|e| e.timeout_ms);
-    let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::KeepaliveWorkerStarvation,
-        severity: Severity::Error,
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: None,
-        rport: None,
-        lport: Some(key.lport),
-        count: queued as u64,
-        evidence: json!({
-            "queued": queued,
-            "queued_for_s": window,
-            "idle_keepalive_connections": idle,
-            "open_connections": open,
-            "server_idle_timeout_ms": idle_timeout,
-        }),
-        recommendation: format!(
-            "{} on port {} has {queued} connection{} waiting to be accepted for {window} s \
-             while {idle} of its {open} open connections are idle keep-alive connections: \
-             with a worker (thread or process) per connection, idle clients hold every \
-             worker. Shorten the keep-alive timeout{} so idle connections free their workers \
-             sooner, or run more workers than {open}.",
-            stats.comm,
-            key.lport,
-            if queued == 1 { "" } else { "s" },
-            match idle_timeout {
-                Some(ms) => format!(" (now {})", human_ms(ms)),
-                None => String::new(),
-            },
-        ),
-    };
-    let materiality = Materiality {
-        severity: Severity::Error,
-        count: 1,
-        figures: vec![idle as f64],
-    };
-    Some((finding, materiality))
-}
-
-fn round2(value: f64) -> f64 {
-    (value * 100.0).round() / 100.0
-}
-
-fn human_us(value_us: f64) -> String {
-    if value_us < 1000.0 {
-        format!("{value_us:.0} µs")
-    } else {
-        human_ms(value_us / 1000.0)
-    }
 }

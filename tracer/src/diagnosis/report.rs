@@ -7,8 +7,12 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 use serde::Serialize;
 
 use super::{
-    CloseCounts, ConnectionStats, Diagnoser, estimate::Estimate, finding::Finding,
-    pools::PoolSample, samples::Summary,
+    Diagnoser,
+    estimate::Estimate,
+    finding::Finding,
+    pools::PoolSample,
+    samples::Summary,
+    stats::{CloseCounts, ConnectionStats},
 };
 use crate::{comm::Comm, event::Role};
 

@@ -5,9 +5,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::*;
-use crate::event::{
-    Close, ClosedBy, Detail, Direction, Event, Open, Reset, Retransmit, Reuse, Role,
+use super::{
+    figures::{human_ms, safe_below},
+    finding::Severity,
+    *,
+};
+use crate::{
+    event::{Close, ClosedBy, Detail, Direction, Event, Open, Reset, Retransmit, Reuse, Role},
+    kernel::tables::CloseWaitEntry,
 };
 
 const CLIENT: u32 = 100;

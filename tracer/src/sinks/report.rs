@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::{
     diagnosis::{
-        endpoint, human_ms,
+        figures::{endpoint, human_ms},
         report::{Report, Traffic},
         samples::Summary,
     },

@@ -7,7 +7,7 @@ use std::{
 
 use super::Sink;
 use crate::{
-    diagnosis::{endpoint, finding::Finding},
+    diagnosis::{figures::endpoint, finding::Finding},
     event::{Detail, Event, Role},
     pipeline::Batch,
 };

@@ -12,7 +12,7 @@ use std::{
 use foldhash::fast::RandomState;
 use lru::LruCache;
 
-use crate::{comm::Comm, diagnosis::endpoint, host::containers::Containers};
+use crate::{comm::Comm, diagnosis::figures::endpoint, host::containers::Containers};
 
 /// A label value decided once and shared by every series and event that
 /// carries it: handing it out is a reference count, not an allocation and a
