@@ -31,6 +31,12 @@ impl EventKind {
     }
 }
 
+/// An event struct and the kind its header carries: the one tie between
+/// them, which the kernel's emit sites and the decoder both use.
+pub trait KernelEvent: Copy {
+    const KIND: EventKind;
+}
+
 /// Who opened the connection, as seen from this host.
 pub const ROLE_UNKNOWN: u32 = 0;
 /// This host called `connect()`.
@@ -239,6 +245,23 @@ pub struct ConnectErrorEvent {
     pub connect_ns: u64,
     pub errno: u32,
     pub _pad: u32,
+}
+
+macro_rules! kinds {
+    ($($ty:ty => $kind:ident),* $(,)?) => {
+        $(impl KernelEvent for $ty {
+            const KIND: EventKind = EventKind::$kind;
+        })*
+    };
+}
+
+kinds! {
+    OpenEvent => Open,
+    CloseEvent => Close,
+    ResetEvent => Reset,
+    RetransmitEvent => Retransmit,
+    ConnectErrorEvent => ConnectError,
+    ReuseEvent => Reuse,
 }
 
 const _: () = {

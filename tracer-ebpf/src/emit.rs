@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use tracer_common::{
     config::{FILTER_COMM, FILTER_PID, FILTER_PORT},
-    event::{Endpoints, EventHeader, EventKind},
+    event::{Endpoints, EventHeader, KernelEvent},
     state::{Counter, Owner},
 };
 
@@ -61,10 +61,11 @@ fn wanted(owner: &Owner, conn: &Endpoints) -> bool {
     true
 }
 
+/// The header of a `T`: its kind and size, when, and whose.
 #[inline(always)]
-pub fn header<T>(kind: EventKind, ts_ns: u64, owner: &Owner) -> EventHeader {
+pub fn header<T: KernelEvent>(ts_ns: u64, owner: &Owner) -> EventHeader {
     EventHeader {
-        kind: kind as u32,
+        kind: T::KIND as u32,
         size: size_of::<T>() as u32,
         ts_ns,
         pid: owner.pid,
@@ -79,7 +80,7 @@ pub fn header<T>(kind: EventKind, ts_ns: u64, owner: &Owner) -> EventHeader {
 /// verifier allows 512 bytes for a whole chain of calls (kernels before 6.x count
 /// every frame of it, whichever path runs).
 #[inline(always)]
-pub fn emit<T: 'static>(owner: &Owner, conn: &Endpoints, fill: impl FnOnce(&mut T)) {
+pub fn emit<T: KernelEvent + 'static>(owner: &Owner, conn: &Endpoints, fill: impl FnOnce(&mut T)) {
     if !wanted(owner, conn) {
         return;
     }

@@ -6,7 +6,7 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{
     event::{
         CLOSE_AWAITING_REPLY, CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN, CLOSE_WAIT_KNOWN, CloseEvent,
-        ClosedBy, ConnectErrorEvent, EventKind, OpenEvent, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
+        ClosedBy, ConnectErrorEvent, OpenEvent, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
     },
     state::{
         CloseWait, ClosedConn, Counter, ListenerKey, Owner, SOCK_AWAITING_REPLY,
@@ -216,7 +216,7 @@ pub fn emit_open(
         now
     };
     emit(&owner, &conn, |event: &mut OpenEvent| {
-        event.header = header::<OpenEvent>(EventKind::Open, ts, &owner);
+        event.header = header::<OpenEvent>(ts, &owner);
         event.conn = conn;
         event.connect_ns = connect_ns;
         event.accept_wait_ns = accept_wait_ns;
@@ -244,7 +244,7 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
             0
         };
         emit(&owner, &conn, |event: &mut ConnectErrorEvent| {
-            event.header = header::<ConnectErrorEvent>(EventKind::ConnectError, now, &owner);
+            event.header = header::<ConnectErrorEvent>(now, &owner);
             event.conn = conn;
             event.connect_ns = connect_ns;
             event.errno = errno;
@@ -392,7 +392,7 @@ fn closed(sock: Sock, old: u32, now: u64) -> Result<(), i64> {
     let owner = owner_of(state);
     let conn = sock.endpoints()?;
     emit(&owner, &conn, |event: &mut CloseEvent| {
-        event.header = header::<CloseEvent>(EventKind::Close, now, &owner);
+        event.header = header::<CloseEvent>(now, &owner);
         event.conn = conn;
         if state.open_ns != 0 {
             event.duration_ns = now - state.open_ns;

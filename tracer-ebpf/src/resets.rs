@@ -2,8 +2,8 @@
 
 use tracer_common::{
     event::{
-        Endpoints, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE, RESET_AWAITING_REPLY, RESET_IN,
-        RESET_OUT, ROLE_UNKNOWN, ResetEvent, RetransmitEvent,
+        Endpoints, IDLE_KNOWN, RESET_AFTER_CLOSE, RESET_AWAITING_REPLY, RESET_IN, RESET_OUT,
+        ROLE_UNKNOWN, ResetEvent, RetransmitEvent,
     },
     state::{ClosedConn, Owner, SOCK_RESET_IN},
 };
@@ -64,7 +64,7 @@ fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
         None => (0, 0),
     };
     emit(&owner, &conn, |event: &mut ResetEvent| {
-        event.header = header::<ResetEvent>(EventKind::Reset, now, &owner);
+        event.header = header::<ResetEvent>(now, &owner);
         event.conn = conn;
         event.direction = direction;
         event.state = state;
@@ -108,7 +108,7 @@ pub fn on_retransmit(sk: u64) -> Result<(), i64> {
     let total_retrans = sock.total_retrans().unwrap_or(0);
     let now = now_ns();
     emit(&owner, &conn, |event: &mut RetransmitEvent| {
-        event.header = header::<RetransmitEvent>(EventKind::Retransmit, now, &owner);
+        event.header = header::<RetransmitEvent>(now, &owner);
         event.conn = conn;
         event.state = state;
         event.idle_jiffies = idle_jiffies;

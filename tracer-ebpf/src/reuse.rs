@@ -4,7 +4,7 @@
 use core::ffi::c_void;
 
 use tracer_common::{
-    event::{EventKind, REUSE_PEER_CLOSED, ROLE_UNKNOWN, ReuseEvent},
+    event::{REUSE_PEER_CLOSED, ROLE_UNKNOWN, ReuseEvent},
     state::{LOCAL_PEER_FIN, LOCAL_RESPONDER, LOCAL_SENT, LOCAL_STALE_REPORTED, SockLocal},
 };
 
@@ -113,7 +113,7 @@ pub fn on_send(sock: Sock, local: &mut SockLocal, bytes: u32) -> Result<(), i64>
     let owner = current_owner(role);
     let tcp_state = sock.state()?;
     emit(&owner, &conn, |event: &mut ReuseEvent| {
-        event.header = header::<ReuseEvent>(EventKind::Reuse, now, &owner);
+        event.header = header::<ReuseEvent>(now, &owner);
         event.conn = conn;
         event.idle_ns = idle_ns;
         event.bytes = bytes;

@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user};
 use tracer_common::{
-    event::{ConnectErrorEvent, Endpoints, EventKind, ROLE_CLIENT, ROLE_SERVER},
+    event::{ConnectErrorEvent, Endpoints, ROLE_CLIENT, ROLE_SERVER},
     state::{ConnectCall, SOCK_OPEN_EMITTED},
     tcp::{AF_INET, AF_INET6},
 };
@@ -94,7 +94,7 @@ pub fn on_connect_exit(ret: i64) -> Result<(), i64> {
         conn.laddr = local.laddr;
     }
     emit(&owner, &conn, |event: &mut ConnectErrorEvent| {
-        event.header = header::<ConnectErrorEvent>(EventKind::ConnectError, now, &owner);
+        event.header = header::<ConnectErrorEvent>(now, &owner);
         event.conn = conn;
         event.connect_ns = now - call.start_ns;
         event.errno = errno as u32;

@@ -9,7 +9,7 @@ use std::{
 use tracer_common::{
     event::{
         self as raw, CLOSE_AWAITING_REPLY, CLOSE_DURATION_KNOWN, CLOSE_IDLE_KNOWN,
-        CLOSE_WAIT_KNOWN, EventHeader, EventKind, IDLE_KNOWN, RESET_AFTER_CLOSE,
+        CLOSE_WAIT_KNOWN, EventHeader, EventKind, IDLE_KNOWN, KernelEvent, RESET_AFTER_CLOSE,
         RESET_AWAITING_REPLY, REUSE_PEER_CLOSED,
     },
     tcp::{AF_INET, AF_INET6, state_name},
@@ -53,7 +53,7 @@ impl Decoder {
         let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
         let (conn, detail) = match kind {
             EventKind::Open => {
-                let e: raw::OpenEvent = read_kind(bytes, kind)?;
+                let e: raw::OpenEvent = read_event(bytes)?;
                 let detail = Detail::Open(Open {
                     connect_us: (header.role == raw::ROLE_CLIENT && e.connect_ns != 0)
                         .then_some(e.connect_ns / 1000),
@@ -63,11 +63,11 @@ impl Decoder {
                 (e.conn, detail)
             }
             EventKind::Close => {
-                let e: raw::CloseEvent = read_kind(bytes, kind)?;
+                let e: raw::CloseEvent = read_event(bytes)?;
                 (e.conn, Detail::Close(self.close(&e)))
             }
             EventKind::Reset => {
-                let e: raw::ResetEvent = read_kind(bytes, kind)?;
+                let e: raw::ResetEvent = read_event(bytes)?;
                 let detail = Detail::Reset(Reset {
                     direction: if e.direction == raw::RESET_IN {
                         Direction::In
@@ -85,7 +85,7 @@ impl Decoder {
                 (e.conn, detail)
             }
             EventKind::Reuse => {
-                let e: raw::ReuseEvent = read_kind(bytes, kind)?;
+                let e: raw::ReuseEvent = read_event(bytes)?;
                 let detail = Detail::Reuse(Reuse {
                     idle_ms: millis(Duration::from_nanos(e.idle_ns)),
                     bytes: e.bytes,
@@ -95,7 +95,7 @@ impl Decoder {
                 (e.conn, detail)
             }
             EventKind::Retransmit => {
-                let e: raw::RetransmitEvent = read_kind(bytes, kind)?;
+                let e: raw::RetransmitEvent = read_event(bytes)?;
                 let detail = Detail::Retransmit(Retransmit {
                     state: state_name(e.state),
                     idle_ms: (e.flags & IDLE_KNOWN != 0)
@@ -105,7 +105,7 @@ impl Decoder {
                 (e.conn, detail)
             }
             EventKind::ConnectError => {
-                let e: raw::ConnectErrorEvent = read_kind(bytes, kind)?;
+                let e: raw::ConnectErrorEvent = read_event(bytes)?;
                 let detail = Detail::ConnectError(ConnectError {
                     error: errno_name(e.errno),
                     connect_us: e.connect_ns / 1000,
@@ -173,9 +173,9 @@ fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
     Some(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
 }
 
-fn read_kind<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+fn read_event<T: KernelEvent>(bytes: &[u8]) -> Result<T, DecodeError> {
     read(bytes).ok_or(DecodeError::Size {
-        kind,
+        kind: T::KIND,
         expected: size_of::<T>(),
         actual: bytes.len(),
     })
@@ -244,11 +244,11 @@ mod tests {
             .to_vec()
     }
 
-    fn header<T>(kind: EventKind, role: u32) -> EventHeader {
+    fn header<T: KernelEvent>(role: u32) -> EventHeader {
         let mut comm = [0; COMM_LEN];
         comm[..4].copy_from_slice(b"curl");
         EventHeader {
-            kind: kind as u32,
+            kind: T::KIND as u32,
             size: size_of::<T>() as u32,
             ts_ns: WallClock::monotonic_now_ns(),
             pid: 4242,
@@ -272,7 +272,7 @@ mod tests {
     #[test]
     fn decodes_a_client_close() {
         let raw = CloseEvent {
-            header: header::<CloseEvent>(EventKind::Close, ROLE_CLIENT),
+            header: header::<CloseEvent>(ROLE_CLIENT),
             conn: v4(40000, 80),
             duration_ns: 1_500_250_000,
             bytes_sent: 10,
@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn a_reuse_keeps_its_idle_time_to_the_millisecond() {
         let raw = ReuseEvent {
-            header: header::<ReuseEvent>(EventKind::Reuse, ROLE_CLIENT),
+            header: header::<ReuseEvent>(ROLE_CLIENT),
             conn: v4(40000, 80),
             idle_ns: 1_500_999_000,
             bytes: 30,
@@ -327,7 +327,7 @@ mod tests {
     #[test]
     fn json_uses_the_contract_names() {
         let raw = CloseEvent {
-            header: header::<CloseEvent>(EventKind::Close, ROLE_SERVER),
+            header: header::<CloseEvent>(ROLE_SERVER),
             conn: v4(80, 40000),
             duration_ns: 2_000_000,
             bytes_sent: 1,
@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn open_reports_connect_time_for_clients_only() {
         let raw = OpenEvent {
-            header: header::<OpenEvent>(EventKind::Open, ROLE_CLIENT),
+            header: header::<OpenEvent>(ROLE_CLIENT),
             conn: v4(40000, 80),
             connect_ns: 123_456,
             accept_wait_ns: 0,
@@ -403,7 +403,7 @@ mod tests {
         conn.laddr = Ipv6Addr::LOCALHOST.octets();
         conn.raddr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
         let raw = ConnectErrorEvent {
-            header: header::<ConnectErrorEvent>(EventKind::ConnectError, ROLE_CLIENT),
+            header: header::<ConnectErrorEvent>(ROLE_CLIENT),
             conn,
             connect_ns: 5_000,
             errno: 111,
@@ -425,10 +425,10 @@ mod tests {
     fn bad_records_are_errors() {
         let d = decoder();
         assert_eq!(d.decode(&[0; 8]), Err(DecodeError::Truncated(8)));
-        let mut unknown = bytes_of(&header::<OpenEvent>(EventKind::Open, ROLE_CLIENT));
+        let mut unknown = bytes_of(&header::<OpenEvent>(ROLE_CLIENT));
         unknown[0] = 99;
         assert_eq!(d.decode(&unknown), Err(DecodeError::UnknownKind(99)));
-        let short = bytes_of(&header::<CloseEvent>(EventKind::Close, ROLE_CLIENT));
+        let short = bytes_of(&header::<CloseEvent>(ROLE_CLIENT));
         assert!(matches!(
             d.decode(&short),
             Err(DecodeError::Size {
@@ -438,7 +438,7 @@ mod tests {
             })
         ));
         let mut bad_family = OpenEvent {
-            header: header::<OpenEvent>(EventKind::Open, ROLE_CLIENT),
+            header: header::<OpenEvent>(ROLE_CLIENT),
             conn: v4(1, 2),
             connect_ns: 0,
             accept_wait_ns: 0,
