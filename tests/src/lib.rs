@@ -10,7 +10,7 @@ pub mod router;
 
 use std::{
     io::ErrorKind,
-    net::{IpAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -34,6 +34,14 @@ pub fn forced_state_hook() -> Option<StateHook> {
         <StateHook as clap::ValueEnum>::from_str(&value, true)
             .unwrap_or_else(|e| panic!("TRACER_STATE_HOOK={value}: {e}")),
     )
+}
+
+/// A loopback port that nothing listens on now: bound, read and let go.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("binding a free loopback port")
+        .port()
 }
 
 /// Tolerance for durations measured from jiffies (4 ms here) plus scheduling.

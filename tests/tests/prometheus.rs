@@ -14,15 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Peer, poll_until, require_root, router::in_netns, tracer_bin};
+use tracer::sinks::metrics::names::{
+    BUILD_INFO, CONNECTIONS_CLOSED, CONNECTIONS_OPENED, FINDINGS, IDLE_TIMEOUT_MISMATCHES,
+    PEER_IDLE_TIMEOUT,
+};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use integration_tests::{Peer, free_port, poll_until, require_root, router::in_netns, tracer_bin};
 
 /// The agent, filtering on `port`, serving metrics on a free loopback port.
 struct Agent {
@@ -281,33 +278,33 @@ fn prometheus_reads_the_counters_and_the_inferred_timeout() {
     clients.join().unwrap();
 
     let closed = prometheus.wait_for(
-        "sum(tcptracer_connections_closed_total{role=\"client\",closed_by=\"peer\"})",
+        &format!("sum({CONNECTIONS_CLOSED}{{role=\"client\",closed_by=\"peer\"}})"),
         |v| v >= 20.0,
     );
     assert_eq!(closed, 20.0);
     let opened = prometheus.wait_for(
-        "sum(tcptracer_connections_opened_total{role=\"client\"})",
+        &format!("sum({CONNECTIONS_OPENED}{{role=\"client\"}})"),
         |v| v >= 20.0,
     );
     assert_eq!(opened, 20.0);
     let server_closed = prometheus.wait_for(
-        "sum(tcptracer_connections_closed_total{role=\"server\",closed_by=\"local\"})",
+        &format!("sum({CONNECTIONS_CLOSED}{{role=\"server\",closed_by=\"local\"}})"),
         |v| v >= 20.0,
     );
     assert_eq!(server_closed, 20.0);
     let remote = format!("{addr}");
     let timeout = prometheus.wait_for(
-        &format!("tcptracer_peer_idle_timeout_seconds{{remote=\"{remote}\"}}"),
+        &format!("{PEER_IDLE_TIMEOUT}{{remote=\"{remote}\"}}"),
         |_| true,
     );
     assert!((0.9..=1.1).contains(&timeout), "inferred {timeout} s");
     let mismatches = prometheus.wait_for(
-        &format!("sum(tcptracer_idle_timeout_mismatches_total{{remote=\"{remote}\"}})"),
+        &format!("sum({IDLE_TIMEOUT_MISMATCHES}{{remote=\"{remote}\"}})"),
         |v| v >= 20.0,
     );
     assert_eq!(mismatches, 20.0);
     let findings = prometheus.wait_for(
-        "sum(tcptracer_findings_total{kind=\"idle_timeout_mismatch\"})",
+        &format!("sum({FINDINGS}{{kind=\"idle_timeout_mismatch\"}})"),
         |v| v >= 1.0,
     );
     assert!(findings >= 1.0);
@@ -335,17 +332,14 @@ fn promtool_finds_no_problem_in_the_exposition() {
     server.join().unwrap();
 
     let (head, text) = agent.scrape_until("the agent counting the connection", |text| {
-        if text.contains("tcptracer_connections_opened_total{") {
+        if text.contains(&format!("{CONNECTIONS_OPENED}{{")) {
             Ok(())
         } else {
-            Err("no tcptracer_connections_opened_total sample".to_owned())
+            Err(format!("no {CONNECTIONS_OPENED} sample"))
         }
     });
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    assert!(
-        text.contains("tcptracer_connections_opened_total{"),
-        "{text}"
-    );
+    assert!(text.contains(&format!("{CONNECTIONS_OPENED}{{")), "{text}");
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -444,7 +438,7 @@ fn slow_clients_do_not_keep_a_scraper_waiting() {
         thread::sleep(Duration::from_secs(1));
         let (head, body) = agent.get("/metrics", None);
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(body.contains("tcptracer_build_info"), "{body}");
+        assert!(body.contains(BUILD_INFO), "{body}");
     }
     for client in slow {
         let (lasted, answer) = client.join().unwrap();
@@ -504,7 +498,7 @@ fn five_thousand_destinations_stay_within_the_series_budget() {
     server.join().unwrap();
     fn opened_under_other(text: &str) -> Option<&str> {
         text.lines().find(|l| {
-            l.starts_with("tcptracer_connections_opened_total{") && l.contains("remote=\"other\"")
+            l.starts_with(&format!("{CONNECTIONS_OPENED}{{")) && l.contains("remote=\"other\"")
         })
     }
     let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
@@ -520,11 +514,11 @@ fn five_thousand_destinations_stay_within_the_series_budget() {
             .filter(|line| line.starts_with(&format!("{name}{{")))
             .count()
     };
-    let opened = series("tcptracer_connections_opened_total");
+    let opened = series(CONNECTIONS_OPENED);
     // This process: 20 destinations and `other` as a client; one port as a
     // server.
     assert!(opened <= 22, "{opened} series:\n{text}");
-    let closed = series("tcptracer_connections_closed_total");
+    let closed = series(CONNECTIONS_CLOSED);
     assert!(closed <= 2 * 22, "{closed} series");
     let total = text.lines().filter(|l| !l.starts_with('#')).count();
     assert!(total < 3000, "{total} samples in all");

@@ -33,6 +33,30 @@ pub enum Direction {
     Out,
 }
 
+/// The name serde gives a unit variant: what the JSON stream writes, and so
+/// what metric labels and text output write too.
+pub fn serde_name<T: Serialize>(variant: &T) -> &'static str {
+    serde_variant::to_variant_name(variant).expect("a unit variant")
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        serde_name(&self)
+    }
+}
+
+impl ClosedBy {
+    pub fn name(self) -> &'static str {
+        serde_name(&self)
+    }
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        serde_name(&self)
+    }
+}
+
 /// One event of the `tracer trace` stream.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
@@ -139,8 +163,18 @@ pub struct ConnectError {
     pub connect_us: u64,
 }
 
-fn rfc3339_micros<S: Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&humantime::format_rfc3339_micros(*ts))
+/// How the agent writes a time: RFC 3339 in UTC, to the microsecond
+/// (`2026-11-28T22:04:01.123456Z`).
+pub fn rfc3339(ts: SystemTime) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_micros(ts)
+}
+
+/// [`rfc3339`] for `#[serde(serialize_with)]`.
+pub(crate) fn rfc3339_micros<S: Serializer>(
+    ts: &SystemTime,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&rfc3339(*ts))
 }
 
 /// A process and a remote endpoint it talks to.

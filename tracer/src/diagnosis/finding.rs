@@ -5,9 +5,9 @@ use std::{net::IpAddr, num::NonZeroUsize, time::SystemTime};
 
 use foldhash::fast::RandomState;
 use lru::LruCache;
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
-use crate::comm::Comm;
+use crate::{comm::Comm, event::serde_name};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,18 +39,7 @@ pub enum FindingKind {
 
 impl FindingKind {
     pub fn name(self) -> &'static str {
-        match self {
-            Self::StaleReuse => "stale_reuse",
-            Self::IdleTimeoutMismatch => "idle_timeout_mismatch",
-            Self::CloseWaitLeak => "close_wait_leak",
-            Self::SilentDrop => "silent_drop",
-            Self::LateRequestReset => "late_request_reset",
-            Self::PoolSaturation => "pool_saturation",
-            Self::ConnectionChurn => "connection_churn",
-            Self::PortExhaustion => "port_exhaustion",
-            Self::AcceptQueueOverflow => "accept_queue_overflow",
-            Self::KeepaliveWorkerStarvation => "keepalive_worker_starvation",
-        }
+        serde_name(&self)
     }
 }
 
@@ -66,17 +55,14 @@ pub enum Severity {
 impl Severity {
     /// The name the JSON stream and the metrics' `finding_severity` label use.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Warning => "warning",
-            Self::Error => "error",
-        }
+        serde_name(&self)
     }
 }
 
 /// One diagnosis, as the `finding` event of the stream and the report carry it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Finding {
-    #[serde(serialize_with = "rfc3339_micros")]
+    #[serde(serialize_with = "crate::event::rfc3339_micros")]
     pub ts: SystemTime,
     #[serde(rename = "type")]
     pub event_type: &'static str,
@@ -247,10 +233,6 @@ impl FindingBook {
         findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.key().cmp(&b.key())));
         findings
     }
-}
-
-fn rfc3339_micros<S: Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&humantime::format_rfc3339_micros(*ts))
 }
 
 #[cfg(test)]

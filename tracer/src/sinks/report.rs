@@ -48,8 +48,7 @@ pub fn text(report: &Report) -> String {
                 _ => "?".into(),
             };
             let role = match traffic.role {
-                Some(Role::Client) => "client",
-                Some(Role::Server) => "server",
+                Some(role @ (Role::Client | Role::Server)) => role.name(),
                 _ => "pre-existing",
             };
             let _ = writeln!(out, "  → {target} ({role})");

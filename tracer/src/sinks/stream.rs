@@ -3,12 +3,13 @@
 use std::{
     fmt::Write as _,
     io::{self, Write},
+    time::SystemTime,
 };
 
 use super::Sink;
 use crate::{
     diagnosis::{figures::endpoint, finding::Finding},
-    event::{Detail, Event, Role},
+    event::{Detail, Event, Role, rfc3339},
     pipeline::Batch,
 };
 
@@ -65,8 +66,7 @@ impl<W: Write> EventWriter<W> {
                 self.out.write_all(b"\n")
             }
             Format::Text => {
-                let time = humantime::format_rfc3339_micros(finding.ts).to_string();
-                let time = time.get(11..26).unwrap_or(&time);
+                let time = time_of_day(finding.ts);
                 writeln!(
                     self.out,
                     "{time} FINDING {} {} {} (pid {}) {} ×{}\n    {}",
@@ -124,14 +124,17 @@ impl<W: Write> Sink for Stream<W> {
     }
 }
 
+/// `22:04:01.123456` of `2026-11-28T22:04:01.123456Z`.
+fn time_of_day(ts: SystemTime) -> String {
+    let time = rfc3339(ts).to_string();
+    time.get(11..26).map(str::to_owned).unwrap_or(time)
+}
+
 fn text_line(event: &Event) -> String {
-    let time = humantime::format_rfc3339_micros(event.ts).to_string();
-    // HH:MM:SS.micros out of 2026-11-28T22:04:01.123456Z
-    let time = time.get(11..26).unwrap_or(&time);
+    let time = time_of_day(event.ts);
     let role = match event.role {
-        Role::Client => "client",
-        Role::Server => "server",
         Role::Unknown => "-",
+        role => role.name(),
     };
     let comm = if event.comm.is_empty() {
         "?"
@@ -167,7 +170,7 @@ fn details(detail: &Detail) -> String {
             let _ = write!(
                 s,
                 "by={} dur={} idle={} tx={} rx={}",
-                serde_plain(&close.closed_by),
+                close.closed_by.name(),
                 ms(close.duration_ms),
                 close.idle_ms.map_or("-".to_string(), |v| format!("{v}ms")),
                 close.bytes_sent,
@@ -184,12 +187,12 @@ fn details(detail: &Detail) -> String {
             }
         }
         Detail::Reset(reset) => {
-            let _ = write!(s, "{} in {}", serde_plain(&reset.direction), reset.state);
+            let _ = write!(s, "{} in {}", reset.direction.name(), reset.state);
             if let Some(idle) = reset.idle_ms {
                 let _ = write!(s, " idle={idle}ms");
             }
             if let (Some(since), Some(by)) = (reset.since_close_ms, &reset.closed_by) {
-                let _ = write!(s, " {since:.1}ms after close by {}", serde_plain(by));
+                let _ = write!(s, " {since:.1}ms after close by {}", by.name());
             }
         }
         Detail::Reuse(reuse) => {
@@ -218,14 +221,6 @@ fn details(detail: &Detail) -> String {
         }
     }
     s
-}
-
-/// The JSON name of a unit enum value, for text output.
-fn serde_plain<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

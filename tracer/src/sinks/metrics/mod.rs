@@ -97,7 +97,7 @@ impl ConnLabels {
     fn closed(&self, closed_by: ClosedBy) -> CloseLabels {
         CloseLabels {
             conn: self.clone(),
-            closed_by: closed_by_name(closed_by),
+            closed_by: closed_by.name(),
         }
     }
 
@@ -532,7 +532,7 @@ impl Metrics {
             comm: process.comm,
             container_id: process.container,
             pod_uid: process.pod_uid,
-            role: role_name(event.role),
+            role: event.role.name(),
             remote,
             port,
         }
@@ -674,7 +674,7 @@ impl Metrics {
                     comm: labels.comm.clone(),
                     container_id: labels.container_id.clone(),
                     pod_uid: labels.pod_uid.clone(),
-                    role: role_name(destination.role.unwrap_or(Role::Unknown)),
+                    role: destination.role.unwrap_or(Role::Unknown).name(),
                     remote: labels.remote.clone(),
                     port: no_label(),
                 };
@@ -713,7 +713,7 @@ impl Metrics {
                     comm: labels.comm.clone(),
                     container_id: labels.container_id.clone(),
                     pod_uid: labels.pod_uid.clone(),
-                    role: "server",
+                    role: Role::Server.name(),
                     remote: no_label(),
                     port: labels.port.clone(),
                 };
@@ -815,25 +815,6 @@ impl Sink for Arc<Metrics> {
 /// it: prometheus-client adds the `_total` of a counter itself.
 fn family(name: &'static str) -> &'static str {
     name.strip_suffix("_total").unwrap_or(name)
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Client => "client",
-        Role::Server => "server",
-        Role::Unknown => "unknown",
-    }
-}
-
-fn closed_by_name(closed_by: ClosedBy) -> &'static str {
-    match closed_by {
-        ClosedBy::Local => "local",
-        ClosedBy::Peer => "peer",
-        ClosedBy::ResetLocal => "reset_local",
-        ClosedBy::ResetPeer => "reset_peer",
-        ClosedBy::Timeout => "timeout",
-        ClosedBy::Unknown => "unknown",
-    }
 }
 
 #[cfg(test)]

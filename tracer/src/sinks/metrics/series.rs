@@ -147,10 +147,11 @@ impl Metrics {
             }
             Detail::Reset(reset) => {
                 let labels = &series.labels;
-                let (index, direction) = match reset.direction {
-                    Direction::In => (0, "in"),
-                    Direction::Out => (1, "out"),
+                let index = match reset.direction {
+                    Direction::In => 0,
+                    Direction::Out => 1,
                 };
+                let direction = reset.direction.name();
                 series.resets[index]
                     .get_or_insert_with(|| {
                         (*self.resets.get_or_create(&labels.reset(direction))).clone()
