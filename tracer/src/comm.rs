@@ -1,6 +1,6 @@
 //! A task's command name (`comm`), kept inline rather than in a `String`: one
-//! comes with every event, and its `String` was the agent's only per-event heap
-//! allocation (four in five of all its allocations under churn, heaptrack).
+//! comes with every event, and a `String` would be a heap allocation per event
+//! (bench/notes.md has the profile).
 
 use std::{fmt, ops::Deref};
 

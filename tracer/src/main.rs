@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 /// Left dynamic, glibc raises it to the size of the largest mmap'd block freed,
 /// and parsing the kernel's BTF at start frees a 13 MiB one; from then on every
 /// block up to that size comes from the brk heap, whose RSS grew under steady
-/// churn while the memory in use stayed flat (commit 4a11f51 has the
+/// churn while the memory in use stayed flat (bench/notes.md has the
 /// measurements).
 fn pin_malloc_mmap_threshold() {
     #[cfg(target_env = "gnu")]

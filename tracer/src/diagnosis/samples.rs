@@ -71,8 +71,8 @@ impl Samples {
 
 /// A window also kept in ascending order, for the idle times the idle-timeout
 /// estimate clusters: it runs on every idle close a peer makes, and sorting a
-/// copy of the window each time (an allocation and ~2,000 comparisons) was a
-/// tenth of the agent's per-event work. Keeping the order costs two binary
+/// copy of the window each time is an allocation and some 2,000 comparisons
+/// (bench/notes.md). Keeping the order costs two binary
 /// searches and moves of at most `WINDOW` values per close; the other windows,
 /// pushed on every event and summarized only for reports, stay unordered.
 #[derive(Clone, Debug, Default)]
