@@ -7,6 +7,7 @@
 
 mod budget;
 pub mod format;
+mod labels;
 pub mod names;
 mod series;
 
@@ -22,7 +23,6 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -32,7 +32,13 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use self::budget::{Budget, Label, no_label};
+use self::{
+    budget::{Budget, no_label},
+    labels::{
+        AttachLabels, BuildLabels, CloseLabels, ConnLabels, ErrnoLabels, FindingLabels, PortLabels,
+        RemoteLabels, ResetLabels,
+    },
+};
 use super::Sink;
 use crate::{
     comm::Comm,
@@ -41,7 +47,7 @@ use crate::{
         finding::{Finding, FindingKind},
         gauges::Gauges,
     },
-    event::{ClosedBy, Detail, Event, Role},
+    event::{Detail, Event, Role},
     kernel::loader::AttachReport,
     kernel::session::Stats,
     kernel::tables::{PoolCounters, PoolRef},
@@ -61,113 +67,6 @@ pub struct MetricsOptions {
     pub min_idle: Duration,
     pub ring_buffer_bytes: u64,
     pub tracked_limit: u64,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ConnLabels {
-    comm: Label,
-    container_id: Label,
-    pod_uid: Label,
-    role: &'static str,
-    remote: Label,
-    port: Label,
-}
-
-impl ConnLabels {
-    /// The labels of a client connection's process and destination.
-    fn remote_labels(&self) -> RemoteLabels {
-        RemoteLabels {
-            comm: self.comm.clone(),
-            container_id: self.container_id.clone(),
-            pod_uid: self.pod_uid.clone(),
-            remote: self.remote.clone(),
-        }
-    }
-
-    /// The labels of a server connection's process and listening port.
-    fn port_labels(&self) -> PortLabels {
-        PortLabels {
-            comm: self.comm.clone(),
-            container_id: self.container_id.clone(),
-            pod_uid: self.pod_uid.clone(),
-            port: self.port.clone(),
-        }
-    }
-
-    fn closed(&self, closed_by: ClosedBy) -> CloseLabels {
-        CloseLabels {
-            conn: self.clone(),
-            closed_by: closed_by.name(),
-        }
-    }
-
-    fn reset(&self, direction: &'static str) -> ResetLabels {
-        ResetLabels {
-            conn: self.clone(),
-            direction,
-        }
-    }
-}
-
-/// A connection's labels and who closed it: `closed_by` comes last in the
-/// exposition.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CloseLabels {
-    #[prometheus(flatten)]
-    conn: ConnLabels,
-    closed_by: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResetLabels {
-    #[prometheus(flatten)]
-    conn: ConnLabels,
-    direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RemoteLabels {
-    comm: Label,
-    container_id: Label,
-    pod_uid: Label,
-    remote: Label,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ErrnoLabels {
-    comm: Label,
-    container_id: Label,
-    pod_uid: Label,
-    remote: Label,
-    errno: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PortLabels {
-    comm: Label,
-    container_id: Label,
-    pod_uid: Label,
-    port: Label,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FindingLabels {
-    comm: Label,
-    container_id: Label,
-    pod_uid: Label,
-    kind: &'static str,
-    finding_severity: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct AttachLabels {
-    state_hook: String,
-    reuse_hook: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: String,
 }
 
 type SecondsHistogram<L> = Family<L, Histogram, fn() -> Histogram>;

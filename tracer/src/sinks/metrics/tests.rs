@@ -8,7 +8,7 @@ use std::{
 use super::*;
 use crate::{
     diagnosis::{self, Diagnoser},
-    event::{Close, Direction, Open},
+    event::{Close, ClosedBy, Direction, Open},
     kernel::tables::CloseWaitEntry,
 };
 
