@@ -7,7 +7,10 @@ use foldhash::fast::RandomState;
 use lru::LruCache;
 use serde::Serialize;
 
-use crate::{comm::Comm, event::serde_name};
+use crate::{
+    comm::Comm,
+    event::{DestinationKey, ListenerKey, serde_name},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -83,6 +86,54 @@ pub struct Finding {
 }
 
 impl Finding {
+    /// A finding about process `key.pid`'s connections to a destination, for
+    /// the rule to complete with its count, evidence and advice.
+    pub fn about_destination(
+        kind: FindingKind,
+        severity: Severity,
+        ts: SystemTime,
+        key: &DestinationKey,
+        comm: Comm,
+    ) -> Self {
+        Self {
+            raddr: Some(key.raddr),
+            rport: Some(key.rport),
+            ..Self::about(kind, severity, ts, key.pid, comm)
+        }
+    }
+
+    /// A finding about the clients of a process's listening port, for the rule
+    /// to complete.
+    pub fn about_port(
+        kind: FindingKind,
+        severity: Severity,
+        ts: SystemTime,
+        key: &ListenerKey,
+        comm: Comm,
+    ) -> Self {
+        Self {
+            lport: Some(key.lport),
+            ..Self::about(kind, severity, ts, key.pid, comm)
+        }
+    }
+
+    fn about(kind: FindingKind, severity: Severity, ts: SystemTime, pid: u32, comm: Comm) -> Self {
+        Self {
+            ts,
+            event_type: "finding",
+            kind,
+            severity,
+            pid,
+            comm,
+            raddr: None,
+            rport: None,
+            lport: None,
+            count: 0,
+            evidence: serde_json::Value::Null,
+            recommendation: String::new(),
+        }
+    }
+
     /// Where the finding is: the listening port, or the remote endpoint.
     pub fn place(&self) -> String {
         match (self.lport, self.raddr, self.rport) {

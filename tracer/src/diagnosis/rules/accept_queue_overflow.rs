@@ -30,20 +30,12 @@ pub(in crate::diagnosis) fn overflow(
         return None;
     }
     let waits = stats.accept_wait.summary();
+    let severity = if history.drops_while_full > 0 {
+        Severity::Error
+    } else {
+        Severity::Warning
+    };
     let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::AcceptQueueOverflow,
-        severity: if history.drops_while_full > 0 {
-            Severity::Error
-        } else {
-            Severity::Warning
-        },
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: None,
-        rport: None,
-        lport: Some(key.lport),
         count: history.drops_while_full,
         evidence: json!({
             "backlog_limit": latest.limit,
@@ -68,6 +60,13 @@ pub(in crate::diagnosis) fn overflow(
                 None => " (listen(2), capped by net.core.somaxconn)".to_string(),
             },
         ),
+        ..Finding::about_port(
+            FindingKind::AcceptQueueOverflow,
+            severity,
+            now,
+            key,
+            stats.comm,
+        )
     };
     let materiality = Materiality {
         severity: finding.severity,

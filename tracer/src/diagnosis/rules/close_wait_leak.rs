@@ -61,15 +61,6 @@ impl Diagnoser {
                 Severity::Warning
             };
             let finding = Finding {
-                ts: now,
-                event_type: "finding",
-                kind: FindingKind::CloseWaitLeak,
-                severity,
-                pid: key.pid,
-                comm,
-                raddr: Some(key.raddr),
-                rport: Some(key.rport),
-                lport: None,
                 count,
                 evidence: json!({
                     "connections_to_destination": count,
@@ -89,6 +80,7 @@ impl Diagnoser {
                     endpoint(key.raddr, key.rport),
                     human_ms(ms(oldest)),
                 ),
+                ..Finding::about_destination(FindingKind::CloseWaitLeak, severity, now, &key, comm)
             };
             let materiality = Materiality {
                 severity,

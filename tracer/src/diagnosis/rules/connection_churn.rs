@@ -50,15 +50,6 @@ pub(in crate::diagnosis) fn churn(
     let port_range = around.port_range.get(&key.pid).copied();
     let closed_first_here = stats.closes.local + stats.closes.reset_local;
     let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::ConnectionChurn,
-        severity: Severity::Warning,
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: Some(key.raddr),
-        rport: Some(key.rport),
-        lport: None,
         count: opened,
         evidence: json!({
             "new_connections_per_s": round2(rate),
@@ -89,6 +80,13 @@ pub(in crate::diagnosis) fn churn(
                 _ => String::new(),
             },
         ),
+        ..Finding::about_destination(
+            FindingKind::ConnectionChurn,
+            Severity::Warning,
+            now,
+            key,
+            stats.comm,
+        )
     };
     let materiality = Materiality {
         severity: Severity::Warning,

@@ -104,15 +104,6 @@ pub(in crate::diagnosis) fn mismatch_finding(
         }
     }
     Some(Finding {
-        ts,
-        event_type: "finding",
-        kind: FindingKind::IdleTimeoutMismatch,
-        severity: mismatch_severity(stats),
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: Some(key.raddr),
-        rport: Some(key.rport),
-        lport: None,
         count: stats.peer_close_idle.total(),
         evidence: json!({
             "peer_idle_timeout_ms": timeout,
@@ -124,6 +115,13 @@ pub(in crate::diagnosis) fn mismatch_finding(
             "stale_reuses": stats.stale_reuses,
         }),
         recommendation,
+        ..Finding::about_destination(
+            FindingKind::IdleTimeoutMismatch,
+            mismatch_severity(stats),
+            ts,
+            key,
+            stats.comm,
+        )
     })
 }
 

@@ -38,15 +38,6 @@ pub(in crate::diagnosis) fn worker_starvation(
     let queued = recent[0].depth;
     let idle_timeout = stats.local_idle_timeout(config.jiffy).map(|e| e.timeout_ms);
     let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::KeepaliveWorkerStarvation,
-        severity: Severity::Error,
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: None,
-        rport: None,
-        lport: Some(key.lport),
         count: queued as u64,
         evidence: json!({
             "queued": queued,
@@ -69,6 +60,13 @@ pub(in crate::diagnosis) fn worker_starvation(
                 None => String::new(),
             },
         ),
+        ..Finding::about_port(
+            FindingKind::KeepaliveWorkerStarvation,
+            Severity::Error,
+            now,
+            key,
+            stats.comm,
+        )
     };
     let materiality = Materiality {
         severity: Severity::Error,

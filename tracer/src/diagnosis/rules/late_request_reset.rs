@@ -62,15 +62,8 @@ impl Diagnoser {
             ),
         };
         let finding = Finding {
-            ts: event.ts,
-            event_type: "finding",
-            kind: FindingKind::LateRequestReset,
-            severity: Severity::Warning,
-            pid: event.pid,
-            comm: stats.comm,
             raddr: Some(event.raddr),
             rport: Some(event.rport),
-            lport: Some(event.lport),
             count,
             evidence: json!({
                 "local_port": event.lport,
@@ -79,6 +72,16 @@ impl Diagnoser {
                 "server_idle_timeout_ms": server_timeout,
             }),
             recommendation,
+            ..Finding::about_port(
+                FindingKind::LateRequestReset,
+                Severity::Warning,
+                event.ts,
+                &ListenerKey {
+                    pid: event.pid,
+                    lport: event.lport,
+                },
+                stats.comm,
+            )
         };
         let materiality = Materiality {
             severity: Severity::Warning,

@@ -54,15 +54,6 @@ pub(in crate::diagnosis) fn saturation(
     let rate = responses as f64 / window as f64;
     let cap = size as f64 * 1000.0 / response_ms.max(0.001);
     let finding = Finding {
-        ts: now,
-        event_type: "finding",
-        kind: FindingKind::PoolSaturation,
-        severity: Severity::Warning,
-        pid: key.pid,
-        comm: stats.comm,
-        raddr: Some(key.raddr),
-        rport: Some(key.rport),
-        lport: None,
         count: stats.history.saturated_s as u64,
         evidence: json!({
             "pool_size": size,
@@ -89,6 +80,13 @@ pub(in crate::diagnosis) fn saturation(
             human_ms(response_ms),
             endpoint(key.raddr, key.rport),
         ),
+        ..Finding::about_destination(
+            FindingKind::PoolSaturation,
+            Severity::Warning,
+            now,
+            key,
+            stats.comm,
+        )
     };
     let materiality = Materiality {
         severity: Severity::Warning,

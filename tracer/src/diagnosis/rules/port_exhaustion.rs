@@ -32,15 +32,6 @@ impl Diagnoser {
             .copied()
             .unwrap_or(0);
         let finding = Finding {
-            ts: now,
-            event_type: "finding",
-            kind: FindingKind::PortExhaustion,
-            severity: Severity::Error,
-            pid: key.pid,
-            comm,
-            raddr: Some(key.raddr),
-            rport: Some(key.rport),
-            lport: None,
             count,
             evidence: json!({
                 "eaddrnotavail": count,
@@ -55,6 +46,13 @@ impl Diagnoser {
                 endpoint(key.raddr, key.rport),
                 if count == 1 { "" } else { "s" },
             ),
+            ..Finding::about_destination(
+                FindingKind::PortExhaustion,
+                Severity::Error,
+                now,
+                &key,
+                comm,
+            )
         };
         let materiality = Materiality {
             severity: Severity::Error,

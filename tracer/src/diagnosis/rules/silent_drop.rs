@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::{
     diagnosis::{
-        Diagnoser,
+        Diagnoser, destination,
         figures::{endpoint, human_ms, ms, safe_below},
         finding::{Finding, FindingKind, Materiality, Severity},
     },
@@ -47,15 +47,6 @@ impl Diagnoser {
         let count = stats.silent_drops;
         self.occurred(FindingKind::SilentDrop, event, 1.0);
         let finding = Finding {
-            ts: event.ts,
-            event_type: "finding",
-            kind: FindingKind::SilentDrop,
-            severity: Severity::Error,
-            pid: event.pid,
-            comm: event.comm,
-            raddr: Some(event.raddr),
-            rport: Some(event.rport),
-            lport: None,
             count,
             evidence: json!({
                 "idle_before_send_ms": reuse.idle_ms,
@@ -76,6 +67,13 @@ impl Diagnoser {
                 ended_with,
                 human_ms(safe_below(reuse.idle_ms as f64)),
             ),
+            ..Finding::about_destination(
+                FindingKind::SilentDrop,
+                Severity::Error,
+                event.ts,
+                &destination(event),
+                event.comm,
+            )
         };
         let materiality = Materiality {
             severity: Severity::Error,

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::{
     diagnosis::{
-        Diagnoser,
+        Diagnoser, destination,
         figures::{capitalize, endpoint, human_ms, safe_below},
         finding::{Finding, FindingKind, Materiality, Severity},
     },
@@ -71,15 +71,6 @@ impl Diagnoser {
             ),
         };
         let finding = Finding {
-            ts: event.ts,
-            event_type: "finding",
-            kind: FindingKind::StaleReuse,
-            severity: Severity::Error,
-            pid: event.pid,
-            comm: event.comm,
-            raddr: Some(event.raddr),
-            rport: Some(event.rport),
-            lport: None,
             count,
             evidence: json!({
                 "idle_before_reuse_ms": reuse.idle_ms,
@@ -99,6 +90,13 @@ impl Diagnoser {
                 came_back,
                 capitalize(&advice),
             ),
+            ..Finding::about_destination(
+                FindingKind::StaleReuse,
+                Severity::Error,
+                event.ts,
+                &destination(event),
+                event.comm,
+            )
         };
         let materiality = Materiality {
             severity: Severity::Error,
