@@ -399,13 +399,13 @@ const VERIFIED_CACHE_SIZE: usize = 100;
 
 /// Basic authentication against bcrypt hashes.
 ///
-/// bcrypt is slow on purpose (cost 10: some 70 ms of CPU), too slow to pay on
-/// every scrape: credentials that verified once are remembered (a SHA-256 of
-/// user, hash and password, never the password itself) and accepted at once
-/// after that, as exporter-toolkit does. Failed attempts are not remembered
-/// and each costs a bcrypt; those run one at a time, on the blocking pool, so
-/// a client guessing passwords takes one core at most and never the runtime's
-/// thread.
+/// bcrypt is slow on purpose (that is what makes stolen hashes hard to
+/// guess), too slow to pay on every scrape: credentials that verified once are
+/// remembered (a SHA-256 of user, hash and password, never the password
+/// itself) and accepted at once after that, as exporter-toolkit does. Failed
+/// attempts are not remembered and each costs a bcrypt; those run one at a
+/// time, on the blocking pool, so a client guessing passwords takes one core
+/// at most and never the runtime's thread.
 pub(super) struct BasicAuth {
     /// User name → bcrypt hash.
     users: HashMap<String, String>,
