@@ -64,11 +64,9 @@ pub struct EndpointConfig {
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     /// How long a client may take to send a request's headers, counted from
-    /// when the server starts waiting for them: on a new connection (after the
-    /// TLS handshake, which has the same bound) or after the previous response
-    /// on a keep-alive one. So it is also the idle timeout of keep-alive
-    /// connections (a scraper's Go client retries a GET whose idle connection
-    /// the server closed just as it was reused).
+    /// when its connection is accepted (after the TLS handshake, which has the
+    /// same bound). Every connection carries one request: the endpoint closes
+    /// it after the response, so no idle connection races this timeout.
     pub header_timeout: Duration,
     /// How long one exchange may take once its headers have been read:
     /// rendering the metrics and writing the response to the client. Like Go's
