@@ -21,6 +21,7 @@
 mod build;
 mod fetch;
 mod guest;
+mod initramfs;
 mod report;
 
 use std::{
