@@ -6,10 +6,11 @@
 //! rules are tested with hand-built sequences (see the tests below).
 //!
 //! - [`Diagnoser::observe`] takes each event: [`stats`] counts it per
-//!   destination or listening port, [`connections`] puts one connection's
+//!   destination or listening port, `connections` puts one connection's
 //!   reuses, resets, retransmissions and close together;
-//! - the periodic scans ([`pools`], [`rules::close_wait_leak`]) take what the
-//!   kernel's tables and the host held at that moment;
+//! - the periodic scans (`scans` into the histories of [`pools`], and
+//!   [`rules::close_wait_leak`]) take what the kernel's tables and the host
+//!   held at that moment;
 //! - [`rules`] has one file per finding kind: when it holds, its evidence and
 //!   its advice;
 //! - the [`finding::FindingBook`] decides when a finding is worth reporting
@@ -26,6 +27,7 @@ pub mod samples;
 pub mod stats;
 
 mod connections;
+mod scans;
 
 use std::{net::IpAddr, num::NonZeroUsize, time::Duration};
 
