@@ -15,7 +15,7 @@ pub struct ContainerInfo {
     pub pod_uid: String,
 }
 
-/// Parses /proc/<pid>/cgroup (v1: `N:controllers:/path` lines, v2: `0::/path`).
+/// Parses `/proc/<pid>/cgroup` (v1: `N:controllers:/path` lines, v2: `0::/path`).
 /// Container runtimes name the leaf cgroup after the container id, either as
 /// the bare 64-digit id (cgroupfs driver: `/docker/<id>`,
 /// `/kubepods/burstable/pod<uid>/<id>`) or wrapped by systemd

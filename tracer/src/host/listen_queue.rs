@@ -36,7 +36,7 @@ pub struct ListenerQueue {
     /// The backlog given to `listen()`, capped by `net.core.somaxconn`
     /// (`sk_max_ack_backlog`).
     pub limit: u32,
-    /// Socket inode, to find the owning process through /proc/<pid>/fd.
+    /// Socket inode, to find the owning process through `/proc/<pid>/fd`.
     pub inode: u64,
 }
 
@@ -143,7 +143,7 @@ pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> Result<T,
 
 /// ListenOverflows and ListenDrops of the network namespace of process `pid`.
 ///
-/// /proc/<pid>/net/ shows the namespace of that process, so no setns is needed.
+/// `/proc/<pid>/net/` shows the namespace of that process, so no setns is needed.
 pub fn listen_counters(pid: u32) -> Result<ListenCounters, ListenQueueError> {
     let text = fs::read_to_string(format!("/proc/{pid}/net/netstat"))
         .map_err(|source| ListenQueueError::ReadNetstat { pid, source })?;

@@ -1,6 +1,6 @@
 //! Owners of connections the kernel programs met mid-life (they existed before the
 //! agent started), found the way `ss -p` finds them: socket inodes in
-//! /proc/<pid>/net/tcp{,6} matched with /proc/<pid>/fd links.
+//! `/proc/<pid>/net/tcp{,6}` matched with `/proc/<pid>/fd` links.
 
 use std::{
     collections::{HashMap, HashSet},

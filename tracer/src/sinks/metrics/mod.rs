@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics (docs/metrics.md): one registry, updated from
 //! events, findings and the per-second scans, rendered for `/metrics`.
 //!
-//! Cardinality is bounded by [`budget::Budget`]: processes by command name and
+//! Cardinality is bounded by the budget (`budget.rs`): processes by command name and
 //! container, destinations and listening ports per process, the rest counted
 //! under `other`.
 
