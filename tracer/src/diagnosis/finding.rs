@@ -117,6 +117,16 @@ impl Finding {
         }
     }
 
+    /// What decides whether this finding is worth reporting again: its own
+    /// severity, with `count` and `figures` from its evidence.
+    pub fn materiality(&self, count: u64, figures: Vec<f64>) -> Materiality {
+        Materiality {
+            severity: self.severity,
+            count,
+            figures,
+        }
+    }
+
     fn about(kind: FindingKind, severity: Severity, ts: SystemTime, pid: u32, comm: Comm) -> Self {
         Self {
             ts,

@@ -68,10 +68,7 @@ pub(in crate::diagnosis) fn overflow(
             stats.comm,
         )
     };
-    let materiality = Materiality {
-        severity: finding.severity,
-        count: history.drops_while_full,
-        figures: vec![history.peak_depth as f64],
-    };
+    let materiality =
+        finding.materiality(history.drops_while_full, vec![history.peak_depth as f64]);
     Some((finding, materiality))
 }

@@ -9,7 +9,7 @@ use crate::{
     diagnosis::{
         Diagnoser, Occurrence,
         figures::{endpoint, human_ms, ms},
-        finding::{Finding, FindingKind, Materiality, Severity},
+        finding::{Finding, FindingKind, Severity},
     },
     event::DestinationKey,
     kernel::tables::CloseWaitEntry,
@@ -82,11 +82,7 @@ impl Diagnoser {
                 ),
                 ..Finding::about_destination(FindingKind::CloseWaitLeak, severity, now, &key, comm)
             };
-            let materiality = Materiality {
-                severity,
-                count,
-                figures: Vec::new(),
-            };
+            let materiality = finding.materiality(count, Vec::new());
             findings.extend(self.book.update(finding, materiality));
         }
         findings

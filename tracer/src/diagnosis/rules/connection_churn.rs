@@ -88,10 +88,6 @@ pub(in crate::diagnosis) fn churn(
             stats.comm,
         )
     };
-    let materiality = Materiality {
-        severity: Severity::Warning,
-        count: 1,
-        figures: vec![rate],
-    };
+    let materiality = finding.materiality(1, vec![rate]);
     Some((finding, materiality))
 }

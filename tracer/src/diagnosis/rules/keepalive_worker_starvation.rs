@@ -68,10 +68,6 @@ pub(in crate::diagnosis) fn worker_starvation(
             stats.comm,
         )
     };
-    let materiality = Materiality {
-        severity: Severity::Error,
-        count: 1,
-        figures: vec![idle as f64],
-    };
+    let materiality = finding.materiality(1, vec![idle as f64]);
     Some((finding, materiality))
 }

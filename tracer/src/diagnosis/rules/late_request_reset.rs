@@ -7,7 +7,7 @@ use crate::{
     diagnosis::{
         Diagnoser,
         figures::{endpoint, human_ms, safe_below},
-        finding::{Finding, FindingKind, Materiality, Severity},
+        finding::{Finding, FindingKind, Severity},
         stats::ConnectionStats,
     },
     event::{Event, ListenerKey, Reset},
@@ -83,11 +83,7 @@ impl Diagnoser {
                 stats.comm,
             )
         };
-        let materiality = Materiality {
-            severity: Severity::Warning,
-            count,
-            figures: server_timeout.into_iter().collect(),
-        };
+        let materiality = finding.materiality(count, server_timeout.into_iter().collect());
         self.book.update(finding, materiality)
     }
 }

@@ -88,10 +88,6 @@ pub(in crate::diagnosis) fn saturation(
             stats.comm,
         )
     };
-    let materiality = Materiality {
-        severity: Severity::Warning,
-        count: 1,
-        figures: vec![size as f64],
-    };
+    let materiality = finding.materiality(1, vec![size as f64]);
     Some((finding, materiality))
 }

@@ -9,7 +9,7 @@ use crate::{
     diagnosis::{
         Diagnoser,
         figures::endpoint,
-        finding::{Finding, FindingKind, Materiality, Severity},
+        finding::{Finding, FindingKind, Severity},
         stats::ConnectionStats,
     },
     event::DestinationKey,
@@ -54,11 +54,7 @@ impl Diagnoser {
                 comm,
             )
         };
-        let materiality = Materiality {
-            severity: Severity::Error,
-            count,
-            figures: Vec::new(),
-        };
+        let materiality = finding.materiality(count, Vec::new());
         self.book.update(finding, materiality)
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     diagnosis::{
         Diagnoser, destination,
         figures::{endpoint, human_ms, ms, safe_below},
-        finding::{Finding, FindingKind, Materiality, Severity},
+        finding::{Finding, FindingKind, Severity},
     },
     event::{Close, ClosedBy, Event},
 };
@@ -75,11 +75,7 @@ impl Diagnoser {
                 event.comm,
             )
         };
-        let materiality = Materiality {
-            severity: Severity::Error,
-            count,
-            figures: vec![reuse.idle_ms as f64],
-        };
+        let materiality = finding.materiality(count, vec![reuse.idle_ms as f64]);
         self.book.update(finding, materiality)
     }
 }

@@ -9,7 +9,7 @@ use crate::{
     diagnosis::{
         Diagnoser, destination,
         figures::{capitalize, endpoint, human_ms, safe_below},
-        finding::{Finding, FindingKind, Materiality, Severity},
+        finding::{Finding, FindingKind, Severity},
     },
     event::{Event, Role},
 };
@@ -98,11 +98,10 @@ impl Diagnoser {
                 event.comm,
             )
         };
-        let materiality = Materiality {
-            severity: Severity::Error,
+        let materiality = finding.materiality(
             count,
-            figures: peer_timeout.map(|e| e.timeout_ms).into_iter().collect(),
-        };
+            peer_timeout.map(|e| e.timeout_ms).into_iter().collect(),
+        );
         findings.extend(self.book.update(finding, materiality));
         // A failure upgrades the mismatch on the same pair.
         if event.role == Role::Client {
