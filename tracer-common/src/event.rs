@@ -95,8 +95,9 @@ pub const CLOSE_DURATION_KNOWN: u32 = 1 << 0;
 pub const CLOSE_WAIT_KNOWN: u32 = 1 << 1;
 /// `CloseEvent::flags`: `idle_jiffies` was measured at the first FIN or RST.
 pub const CLOSE_IDLE_KNOWN: u32 = 1 << 2;
-/// `CloseEvent::flags`: at the first FIN or RST the last payload had gone out from
-/// this side and nothing had come back since: a request was outstanding.
+/// `CloseEvent::flags`: at the first FIN or RST a request was outstanding: a
+/// client had sent the last payload and nothing had come back since, or a
+/// server had received a request after its last reply.
 pub const CLOSE_AWAITING_REPLY: u32 = 1 << 3;
 
 /// How a connection ended, from this socket's point of view.
@@ -185,8 +186,8 @@ pub struct ResetEvent {
     pub _pad: u32,
 }
 
-/// `ResetEvent::flags`: this side had sent the last payload and nothing had
-/// come back since: a request was outstanding when the RST was seen.
+/// `ResetEvent::flags`: a request was outstanding when the RST was seen (as
+/// `CLOSE_AWAITING_REPLY`).
 pub const RESET_AWAITING_REPLY: u32 = 1 << 2;
 
 /// `ResetEvent::flags`: the RST went out for a connection this side had already

@@ -103,6 +103,14 @@ pub const LOCAL_RESPONDER: u32 = 1 << 3;
 pub const LOCAL_BUSY: u32 = 1 << 4;
 /// `SockLocal::flags`: the process has sent on this socket.
 pub const LOCAL_SENT: u32 = 1 << 5;
+/// `SockLocal::flags`: the last request was answered and its exchange is not
+/// yet counted into the pool: more of the answer may still move (a body after
+/// its headers, a chunk held back by Nagle and delayed ACK), and each of it
+/// moves `SockLocal::answered_ns` on.
+pub const LOCAL_ANSWERED: u32 = 1 << 6;
+/// `SockLocal::flags`: the user's filters (pid, command, port) leave this
+/// socket out, so its requests are not counted into any pool.
+pub const LOCAL_FILTERED_OUT: u32 = 1 << 7;
 
 /// Socket-local storage of the send and receive hooks, freed with the socket.
 #[repr(C)]
@@ -117,10 +125,12 @@ pub struct SockLocal {
     /// during a send (on loopback the whole exchange can happen inside it) came
     /// after that send's data.
     pub fin_write_seq: u32,
-    /// When the current request started (`LOCAL_BUSY`).
+    /// When the current or last request started: its first byte out (client)
+    /// or in (server).
     pub busy_since_ns: u64,
-    /// When the last request ended: for a client, when the response was read.
-    pub idle_since_ns: u64,
+    /// When the last byte of the last answer moved: read by a client, written
+    /// by a server.
+    pub answered_ns: u64,
     /// The pool this connection belongs to, fixed when first seen.
     pub pool: PoolKey,
 }
@@ -157,8 +167,11 @@ pub struct PoolStats {
     /// decrements add `u64::MAX`.
     pub busy: u64,
     pub requests: u64,
+    /// Exchanges counted: answered, and followed by the next request or the
+    /// close (until then more of the answer may come).
     pub responses: u64,
-    /// Time connections spent busy, over finished requests.
+    /// Time connections spent busy over the counted exchanges, each from the
+    /// request's first byte to the answer's last.
     pub busy_ns: u64,
     /// Client side: from reading a response to sending the next request on the
     /// same connection.

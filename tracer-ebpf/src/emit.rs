@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use tracer_common::{
     config::{FILTER_COMM, FILTER_PID, FILTER_PORT},
-    event::{Endpoints, EventHeader, KernelEvent},
+    event::{Endpoints, EventHeader, KernelEvent, ROLE_UNKNOWN},
     state::{Counter, Owner},
 };
 
@@ -59,6 +59,13 @@ fn wanted(owner: &Owner, conn: &Endpoints) -> bool {
         }
     }
     true
+}
+
+/// Whether the filters take a connection of the current process: without
+/// filters, at no cost.
+#[inline(always)]
+pub fn wanted_here(conn: &Endpoints) -> bool {
+    config!(filters) == 0 || wanted(&current_owner(ROLE_UNKNOWN), conn)
 }
 
 /// The header of a `T`: its kind and size, when, and whose.

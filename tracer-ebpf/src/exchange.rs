@@ -1,10 +1,17 @@
 //! Requests and responses on each connection, counted per pool: how many
 //! connections are busy, for how long, and how soon a client sends its next
-//! request after reading a response. Transitions only (idle to busy and back):
-//! a request sent in many writes, or a response read in many reads, counts once.
+//! request after reading a response. An HTTP/1.1 exchange as it happens on the
+//! wire: a request goes out in one write or several, its answer comes back in
+//! one read or several (headers and body apart, chunks, a tail held back by
+//! Nagle and delayed ACK); the exchange runs from the request's first byte to
+//! the answer's last before the next request, and counts once. End-of-file
+//! reads never get here (the hooks pass only reads that returned data).
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use tracer_common::state::{GAP_BUCKETS, LOCAL_BUSY, LOCAL_RESPONDER, PoolStats, SockLocal};
+use tracer_common::state::{
+    GAP_BUCKETS, LOCAL_ANSWERED, LOCAL_BUSY, LOCAL_FILTERED_OUT, LOCAL_RESPONDER, PoolStats,
+    SockLocal,
+};
 
 use tracer_common::tcp::TCP_CLOSE;
 
@@ -51,10 +58,13 @@ fn stats(local: &SockLocal) -> Option<&'static mut PoolStats> {
         .map(|stats| unsafe { &mut *stats })
 }
 
-/// A request starts: the client sent after a response, or the server received
-/// after replying.
+/// The request's side of an exchange moved: the client sent, or the server
+/// received. The first such move after an answer starts a new request and
+/// counts the previous exchange, now that its answer is complete; the rest
+/// (a request written in several writes, or read in several reads) belong to
+/// the request already in progress.
 #[inline(always)]
-fn start(sock: Sock, local: &mut SockLocal) {
+fn asked(sock: Sock, local: &mut SockLocal) {
     if local.flags & LOCAL_BUSY != 0 {
         return;
     }
@@ -65,64 +75,92 @@ fn start(sock: Sock, local: &mut SockLocal) {
         return;
     }
     let now = now_ns();
-    local.flags |= LOCAL_BUSY;
-    local.busy_since_ns = now;
     let Some(stats) = stats(local) else {
         return;
     };
-    add(&mut stats.busy, 1);
-    add(&mut stats.requests, 1);
-    if local.flags & LOCAL_RESPONDER == 0 && local.idle_since_ns != 0 {
-        let gap_us = now.saturating_sub(local.idle_since_ns) / 1000;
+    if local.flags & LOCAL_ANSWERED != 0 && local.flags & LOCAL_RESPONDER == 0 {
+        let gap_us = now.saturating_sub(local.answered_ns) / 1000;
         if let Some(slot) = stats.gaps.get_mut(bucket(gap_us)) {
             add(slot, 1);
         }
     }
+    count_answered(local, stats);
+    local.flags |= LOCAL_BUSY;
+    local.busy_since_ns = now;
+    add(&mut stats.busy, 1);
+    add(&mut stats.requests, 1);
 }
 
-/// A request ends: the client read the response, or the server replied.
+/// The answer's side moved: the client read, or the server wrote. The first
+/// such move frees the connection; each later one, until the next request,
+/// is more of the same answer and only moves its end on. Nothing touches the
+/// pool's shared counters then: the exchange is counted when the next request
+/// starts or the connection closes.
 #[inline(always)]
-fn finish(local: &mut SockLocal) {
-    if local.flags & LOCAL_BUSY == 0 {
+fn answered(local: &mut SockLocal) {
+    if local.flags & LOCAL_BUSY != 0 {
+        local.flags = (local.flags & !LOCAL_BUSY) | LOCAL_ANSWERED;
+        if let Some(stats) = stats(local) {
+            add(&mut stats.busy, u64::MAX);
+        }
+    }
+    if local.flags & LOCAL_ANSWERED != 0 {
+        local.answered_ns = now_ns();
+    }
+}
+
+/// Counts an answered exchange into the pool: one response, busy from the
+/// request's first byte to the answer's last.
+#[inline(always)]
+fn count_answered(local: &mut SockLocal, stats: &mut PoolStats) {
+    if local.flags & LOCAL_ANSWERED == 0 {
         return;
     }
-    let now = now_ns();
-    local.flags &= !LOCAL_BUSY;
-    local.idle_since_ns = now;
+    local.flags &= !LOCAL_ANSWERED;
+    add(&mut stats.responses, 1);
+    add(
+        &mut stats.busy_ns,
+        local.answered_ns.saturating_sub(local.busy_since_ns),
+    );
+}
+
+/// The connection closed: a request still in progress no longer occupies it,
+/// and an answered one is counted.
+pub fn closed(local: &mut SockLocal) {
+    if local.flags & (LOCAL_BUSY | LOCAL_ANSWERED) == 0 {
+        return;
+    }
     let Some(stats) = stats(local) else {
         return;
     };
-    add(&mut stats.busy, u64::MAX);
-    add(&mut stats.responses, 1);
-    add(&mut stats.busy_ns, now.saturating_sub(local.busy_since_ns));
-}
-
-/// The connection closed: a request still in progress no longer occupies it.
-pub fn abandon(local: &mut SockLocal) {
-    if local.flags & LOCAL_BUSY == 0 {
-        return;
-    }
-    local.flags &= !LOCAL_BUSY;
-    if let Some(stats) = stats(local) {
+    if local.flags & LOCAL_BUSY != 0 {
+        local.flags &= !LOCAL_BUSY;
         add(&mut stats.busy, u64::MAX);
     }
+    count_answered(local, stats);
 }
 
 #[inline(never)]
 pub fn on_send(sock: Sock, local: &mut SockLocal) {
+    if local.flags & LOCAL_FILTERED_OUT != 0 {
+        return;
+    }
     if local.flags & LOCAL_RESPONDER != 0 {
-        finish(local);
+        answered(local);
     } else {
-        start(sock, local);
+        asked(sock, local);
     }
 }
 
 #[inline(never)]
 pub fn on_receive(sock: Sock, local: &mut SockLocal) {
+    if local.flags & LOCAL_FILTERED_OUT != 0 {
+        return;
+    }
     if local.flags & LOCAL_RESPONDER != 0 {
-        start(sock, local);
+        asked(sock, local);
     } else {
-        finish(local);
+        answered(local);
     }
 }
 

@@ -143,12 +143,21 @@ impl Sock {
         read(self.0 + offset!(icsk_ack_lrcvtime))
     }
 
-    /// Whether the last payload went out from this side with nothing received
-    /// after it: a request is outstanding.
+    /// Whether a request is outstanding: on a side that asks (a client), its
+    /// last payload went out with nothing received after it; on a side that
+    /// `answers` (a server), a request came in after its last reply. A peer's
+    /// bare FIN moves neither stamp. In jiffies: an exchange within one tick
+    /// counts as answered.
     #[inline(always)]
-    pub fn awaiting_reply(self) -> Result<bool, i64> {
+    pub fn awaiting_reply(self, answers: bool) -> Result<bool, i64> {
         let sent: u32 = read(self.0 + offset!(tcp_lsndtime))?;
-        Ok((sent.wrapping_sub(self.last_receive_jiffies()?) as i32) > 0)
+        let received = self.last_receive_jiffies()?;
+        let (last, before) = if answers {
+            (received, sent)
+        } else {
+            (sent, received)
+        };
+        Ok((last.wrapping_sub(before) as i32) > 0)
     }
 
     /// Payload bytes sent, retransmissions counted once. (`bytes_acked` would

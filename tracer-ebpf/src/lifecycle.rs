@@ -267,7 +267,10 @@ fn connect_failed(sock: Sock, now: u64) -> Result<(), i64> {
 #[inline(always)]
 fn mark_first_close(sock: Sock, state: &mut SockState, now: u64, by: ClosedBy) {
     state.flags |= SOCK_CLOSING | SOCK_IDLE_KNOWN;
-    if sock.awaiting_reply().unwrap_or(false) {
+    if sock
+        .awaiting_reply(state.role == ROLE_SERVER)
+        .unwrap_or(false)
+    {
         state.flags |= SOCK_AWAITING_REPLY;
     }
     state.first_close_ns = now;

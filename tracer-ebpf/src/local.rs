@@ -1,6 +1,6 @@
 //! Socket-local storage of the send and receive hooks, and what is fixed about a
-//! socket the first time they see it: whether it asks or answers, and the pool it
-//! belongs to.
+//! socket the first time they see it: whether it asks or answers, the pool it
+//! belongs to, and whether the user's filters want it counted.
 
 use core::{ffi::c_void, ptr};
 
@@ -10,10 +10,14 @@ use aya_ebpf::{
 };
 use tracer_common::{
     event::{ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN},
-    state::{LOCAL_RESPONDER, LOCAL_SEEN, POOL_CLIENT, POOL_SERVER, PoolKey, SockLocal},
+    state::{
+        LOCAL_FILTERED_OUT, LOCAL_RESPONDER, LOCAL_SEEN, POOL_CLIENT, POOL_SERVER, PoolKey,
+        SockLocal,
+    },
 };
 
 use crate::{
+    emit::wanted_here,
     kernel::Sock,
     maps::{SOCK_LOCAL, SOCKS},
 };
@@ -72,6 +76,9 @@ pub fn classify(sock: Sock, local: &mut SockLocal, already_sent: u64) -> Result<
         pool.side = POOL_CLIENT;
         pool.port = conn.rport;
         pool.addr = conn.raddr;
+    }
+    if !wanted_here(&conn) {
+        local.flags |= LOCAL_FILTERED_OUT;
     }
     local.pool = pool;
     local.flags |= LOCAL_SEEN;

@@ -3,7 +3,7 @@
 use tracer_common::{
     event::{
         Endpoints, IDLE_KNOWN, RESET_AFTER_CLOSE, RESET_AWAITING_REPLY, RESET_IN, RESET_OUT,
-        ROLE_UNKNOWN, ResetEvent, RetransmitEvent,
+        ROLE_SERVER, ROLE_UNKNOWN, ResetEvent, RetransmitEvent,
     },
     state::{ClosedConn, Owner, SOCK_RESET_IN},
 };
@@ -50,11 +50,15 @@ fn emit_reset(sock: Sock, direction: u32) -> Result<(), i64> {
     } else {
         (0, 0)
     };
-    if flags & IDLE_KNOWN != 0 && sock.awaiting_reply().unwrap_or(false) {
-        flags |= RESET_AWAITING_REPLY;
-    }
     let conn = sock.endpoints()?;
     let (owner, closed) = owner(sock, &conn);
+    if flags & IDLE_KNOWN != 0
+        && sock
+            .awaiting_reply(owner.role == ROLE_SERVER)
+            .unwrap_or(false)
+    {
+        flags |= RESET_AWAITING_REPLY;
+    }
     let now = now_ns();
     let (since_close_ns, closed_by) = match closed {
         Some(closed) => {

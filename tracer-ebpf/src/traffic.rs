@@ -57,16 +57,17 @@ pub fn on_connect(sk: *mut c_void) {
             flags: 0,
             fin_write_seq: 0,
             busy_since_ns: 0,
-            idle_since_ns: 0,
+            answered_ns: 0,
             pool: PoolKey::default(),
         };
     }
 }
 
-/// The connection reached CLOSE: a request in progress is abandoned.
+/// The connection reached CLOSE: a request in progress is abandoned, an
+/// answered one counted.
 #[inline(never)]
 pub fn on_close(sk: *mut c_void) {
     if let Some(local) = local::storage(sk, false) {
-        exchange::abandon(local);
+        exchange::closed(local);
     }
 }

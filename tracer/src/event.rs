@@ -117,8 +117,8 @@ pub struct Close {
     pub idle_ms: Option<u64>,
     pub close_wait_ms: Option<f64>,
     pub error: Option<String>,
-    /// At the first FIN or RST, this side had sent the last payload and nothing
-    /// had come back: a request was outstanding.
+    /// At the first FIN or RST a request was outstanding: a client's request
+    /// unanswered, or a request a server had not answered yet.
     pub awaiting_reply: bool,
     pub srtt_us: u32,
     pub retransmits: u32,
@@ -134,8 +134,7 @@ pub struct Reset {
     pub since_close_ms: Option<f64>,
     /// With `since_close_ms`: how that connection had ended.
     pub closed_by: Option<ClosedBy>,
-    /// This side had sent the last payload and nothing had come back: a request
-    /// was outstanding when the RST came.
+    /// A request was outstanding when the RST came (as `Close::awaiting_reply`).
     pub awaiting_reply: bool,
 }
 

@@ -77,12 +77,9 @@ impl Diagnoser {
                 }
             }
             // Closing right after a reply (a request limit, `Connection: close`)
-            // is no idle timeout, nor is a client giving up on a request. (A
-            // server's idle connections always end with its own reply, so
-            // `awaiting_reply` says nothing there.)
+            // is no idle timeout, nor is giving up on a request.
             (ClosedBy::Local, Some(idle))
-                if idle as f64 >= GRACEFUL_MS
-                    && !(close.awaiting_reply && event.role != Role::Server) =>
+                if idle as f64 >= GRACEFUL_MS && !close.awaiting_reply =>
             {
                 stats.local_close_idle.push(idle as f64)
             }

@@ -62,11 +62,12 @@ pub struct Config {
     pub scan_interval: Duration,
     /// How long a pool must stay saturated, or a destination churn, to be reported.
     pub window: Duration,
-    /// Busy fraction at which every connection counts as busy.
-    pub saturation_busy: f64,
-    /// A median gap from response to next request at most this long means
-    /// requests were queued for a connection.
-    pub saturation_gap_us: f64,
+    /// A pool is in continuous use when busy at least this share of what
+    /// back-to-back exchanges give (`rules::pool_saturation`).
+    pub saturation_use: f64,
+    /// A turnaround (response to next request) at most this share of the
+    /// exchange is the client's own, not a wait for demand.
+    pub saturation_turnaround: f64,
     /// New connections per second to one destination that count as churn.
     pub churn_rate: f64,
     /// Scans in a row with connections queued for a worker.
@@ -90,8 +91,8 @@ impl Default for Config {
             max_connections: NonZeroUsize::new(65_536).unwrap(),
             scan_interval: Duration::from_secs(1),
             window: Duration::from_secs(5),
-            saturation_busy: 0.9,
-            saturation_gap_us: 1000.0,
+            saturation_use: 0.9,
+            saturation_turnaround: 0.25,
             churn_rate: 100.0,
             starvation_samples: 3,
         }

@@ -669,6 +669,46 @@ mod pools {
     }
 
     #[test]
+    fn a_client_that_needs_a_millisecond_between_requests_still_saturates_its_pool() {
+        // Python's turnaround: 0.5-1 ms from reading a response to sending the
+        // next request, against 50 ms exchanges.
+        let mut d = diagnoser();
+        open_connections(&mut d, 4);
+        let findings = scan_seconds(&mut d, 0..=6, |s| counters(s, 4, 0.98, 9));
+        assert_eq!(kinds(&findings), [FindingKind::PoolSaturation]);
+        let evidence = &findings[0].evidence;
+        assert_eq!(evidence["median_gap_us"], 768.0);
+        assert_eq!(evidence["max_requests_per_s"], 80.0);
+        let rate = evidence["requests_per_s"].as_f64().unwrap();
+        assert!((78.0..=80.0).contains(&rate), "{rate}");
+        // (50 ms + 0.768 ms) / (4 + 1)
+        assert_eq!(evidence["min_queued_ms"], 10.15);
+        let advice = &findings[0].recommendation;
+        assert!(
+            advice.contains("4 connections × 1 / 50 ms = 80 requests/s"),
+            "{advice}"
+        );
+        assert!(advice.contains("HTTP/2"), "{advice}");
+    }
+
+    #[test]
+    fn fewer_callers_than_connections_leave_the_pool_unsaturated() {
+        // Two callers back to back on a pool of four: two connections idle.
+        let mut d = diagnoser();
+        open_connections(&mut d, 4);
+        assert!(scan_seconds(&mut d, 0..=10, |s| counters(s, 4, 0.49, 9)).is_empty());
+    }
+
+    #[test]
+    fn a_pool_busy_most_of_the_time_with_callers_not_waiting_is_fine() {
+        // Busy 60%: each connection waits about as long as an exchange for
+        // its next request (bucket 15: 32-64 ms).
+        let mut d = diagnoser();
+        open_connections(&mut d, 4);
+        assert!(scan_seconds(&mut d, 0..=10, |s| counters(s, 4, 0.6, 15)).is_empty());
+    }
+
+    #[test]
     fn a_busy_but_unsaturated_pool_is_fine() {
         let mut d = diagnoser();
         open_connections(&mut d, 16);
